@@ -1,0 +1,173 @@
+"""Settings: defaults < YAML file (`--config` or SEGMENT_CONFIG) < SEGMENT_* env vars.
+
+Every setting lives in a section, so its env name is `SEGMENT_<SECTION>_<NAME>`, for
+example `SEGMENT_KAFKA_BOOTSTRAP_SERVERS` or `SEGMENT_MODEL_N_CLUSTERS`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "SEGMENT_"
+CONFIG_ENV = "SEGMENT_CONFIG"
+DEFAULT_YAML = Path(__file__).with_name("default.yaml")
+
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "segment-worker"
+    client_id: str = "segment-worker"
+    clickstream_topic: str = "clickstream"
+    purchases_topic: str = "purchases"
+    dlq_topic: str = "segment-events-dlq"
+    changes_topic: str = "segment-changes"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_poll_records: Positive = 2000
+    poll_timeout_ms: Positive = 500
+    fetch_max_wait_ms: Positive = 50
+    session_timeout_ms: Positive = 10_000
+    heartbeat_interval_ms: Positive = 3_000
+    max_poll_interval_ms: Positive = 300_000
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    @property
+    def input_topics(self) -> tuple[str, str]:
+        return (self.clickstream_topic, self.purchases_topic)
+
+
+class RedisSettings(_Section):
+    url: str = "redis://localhost:6379/0"
+    key_prefix: str = "seg"
+    profile_ttl_days: PositiveFloat = 90.0
+    socket_timeout_s: PositiveFloat = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class ProfileSettings(_Section):
+    half_life_days: PositiveFloat = 14.0
+    session_gap_minutes: PositiveFloat = 30.0
+    top_categories: Positive = 5
+    recency_cap_days: PositiveFloat = 60.0
+    cache_size: Positive = 200_000
+
+
+class ModelSettings(_Section):
+    algorithm: Literal["kmeans"] = "kmeans"
+    n_clusters: Annotated[int, Field(ge=2, le=64)] = 6
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 0.02
+    warmup_users: Annotated[int, Field(ge=10)] = 1000
+    seed: int = 42
+    checkpoint_interval_s: PositiveFloat = 30.0
+
+
+class DecodeSettings(_Section):
+    max_event_bytes: Positive = 64 * 1024
+
+
+class MetricsSettings(_Section):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9108
+
+
+class WorkerSettings(_Section):
+    retry_initial_s: PositiveFloat = 0.5
+    retry_max_s: PositiveFloat = 30.0
+    shutdown_grace_s: PositiveFloat = 30.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """All settings of the worker, one section per stage."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    profile: ProfileSettings = ProfileSettings()
+    model: ModelSettings = ModelSettings()
+    decode: DecodeSettings = DecodeSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start the worker; the message names each bad setting."""
+
+
+def _env_name(loc: tuple[str | int, ...]) -> str:
+    return ENV_PREFIX + "_".join(str(part) for part in loc).upper()
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings, turning pydantic's errors into named-setting messages."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise SettingsError(f"config file {config_file} does not exist")
+        os.environ[CONFIG_ENV] = str(config_file)
+    elif (yaml_file := os.environ.get(CONFIG_ENV)) and not Path(yaml_file).is_file():
+        raise SettingsError(f"{CONFIG_ENV}={yaml_file}: config file does not exist")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"])
+            lines.append(f"invalid setting {name} ({_env_name(error['loc'])}): {error['msg']}")
+        raise SettingsError("\n".join(lines)) from None

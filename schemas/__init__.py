@@ -1,0 +1,28 @@
+"""The wire contract: events read from Kafka and what is written to Redis and Kafka."""
+
+from schemas.events import (
+    ALL_TYPES,
+    CLICK_TYPES,
+    EVENT_ADAPTER,
+    ClickEvent,
+    Event,
+    PurchaseEvent,
+    PurchaseItem,
+    UserDeleted,
+)
+from schemas.records import RedisKeys, SegmentChange, SegmentRecord, UserSegment
+
+__all__ = [
+    "ALL_TYPES",
+    "CLICK_TYPES",
+    "EVENT_ADAPTER",
+    "ClickEvent",
+    "Event",
+    "PurchaseEvent",
+    "PurchaseItem",
+    "RedisKeys",
+    "SegmentChange",
+    "SegmentRecord",
+    "UserDeleted",
+    "UserSegment",
+]

@@ -1,0 +1,85 @@
+"""What the worker writes for other services: Redis keys and hashes, and change events.
+
+Readers in other services depend on these names; change them only together with
+DESIGN.md and the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """Key layout under one prefix (DESIGN.md, "Redis").
+
+    User ids are used verbatim as the last key component, so ids containing ':' or
+    '*' stay unambiguous: nothing follows them.
+    """
+
+    prefix: str = "seg"
+
+    def user(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{user_id}"
+
+    def profile(self, user_id: str) -> str:
+        return f"{self.prefix}:profile:{user_id}"
+
+    def segment(self, segment_id: str) -> str:
+        return f"{self.prefix}:segment:{segment_id}"
+
+    @property
+    def segments(self) -> str:
+        return f"{self.prefix}:segments"
+
+    @property
+    def offsets(self) -> str:
+        """Hash `topic:partition` -> last offset applied to Redis (the replay fence)."""
+        return f"{self.prefix}:offsets"
+
+    @property
+    def model(self) -> str:
+        """The model checkpoint (JSON): scaler, centres, segment registry, version."""
+        return f"{self.prefix}:model"
+
+
+class UserSegment(BaseModel):
+    """`seg:user:{user_id}`: the user's current segment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    segment: str
+    segment_name: str
+    model_version: int
+    distance: float
+    updated_at: int
+
+
+class SegmentRecord(BaseModel):
+    """`seg:segment:{id}`: one live segment, its centroid in original feature units."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str
+    size: int
+    centroid: dict[str, float]
+    created_at: int
+    model_version: int
+
+
+class SegmentChange(BaseModel):
+    """A message on `segment-changes`: the user moved from one segment to another.
+
+    `from` is null for a user's first segment, `to` is null when the user was deleted.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    user_id: str
+    from_: str | None = Field(default=None, alias="from")
+    to: str | None
+    model_version: int
+    timestamp: int

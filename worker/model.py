@@ -1,0 +1,212 @@
+"""River clustering behind stable, named segment ids.
+
+The model of record is River: a `StandardScaler` learns the population online and a
+`KMeans` learns the segment centres online. Two things River does not do are added here:
+
+* Seeding. River's KMeans starts from random Gaussian centres, which strands centres in
+  empty space. Instead the first `warmup_users` profiles are buffered, a k-means++
+  seeded batch k-means (scikit-learn) is fitted on them, and its centres become River's
+  starting centres. Users seen during warm-up get their segment at that moment.
+* Identity. Consumers of `seg:user:*` need segment ids that keep their meaning, and
+  people need names. Each River cluster index is bound to a stable id (`s1`, `s2`, ...)
+  and named from its centroid in original units compared with the population.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from river import cluster, preprocessing
+from sklearn.cluster import KMeans as BatchKMeans
+
+from config.settings import ModelSettings
+from worker.features import FEATURES
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    segment: str
+    distance: float
+
+
+@dataclass(slots=True)
+class Segment:
+    id: str
+    created_at: int
+    name: str = ""
+    description: str = ""
+
+
+class SegmentModel:
+    """Scaler + KMeans + warm-up seeding + the registry of stable segment ids."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self._settings = settings
+        self.scaler = preprocessing.StandardScaler()
+        self.kmeans = cluster.KMeans(
+            n_clusters=settings.n_clusters, halflife=settings.learning_rate, seed=settings.seed
+        )
+        self.version = 0
+        self.segments: dict[int, Segment] = {}
+        self._next_id = 1
+        self._warmup: dict[str, dict[str, float]] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.version > 0
+
+    def learn_assign(
+        self, user_id: str, x: dict[str, float], event_ts: int
+    ) -> dict[str, Assignment]:
+        """Learn from one profile and return the segment assignments it settles.
+
+        Usually that is just this user's. During warm-up it is nothing, and on the event
+        that completes warm-up it is every user buffered so far.
+        """
+        self.scaler.learn_one(x)
+        if not self.ready:
+            self._warmup[user_id] = x
+            if len(self._warmup) < self._settings.warmup_users:
+                return {}
+            self._seed(event_ts)
+            buffered, self._warmup = self._warmup, {}
+            return {uid: self.assign(features) for uid, features in buffered.items()}
+        z = self.scaler.transform_one(x)
+        index = self.kmeans.learn_predict_one(z)
+        return {user_id: Assignment(self.segments[index].id, self._distance(z, index))}
+
+    def assign(self, x: dict[str, float]) -> Assignment:
+        """The nearest segment to a profile, without learning from it."""
+        z = self.scaler.transform_one(x)
+        index = min(self.kmeans.centers, key=lambda i: self._distance(z, i))
+        return Assignment(self.segments[index].id, self._distance(z, index))
+
+    def distances(self, x: dict[str, float]) -> dict[str, float]:
+        """Distance (standardized units) from a profile to every segment's centre."""
+        z = self.scaler.transform_one(x)
+        return {seg.id: self._distance(z, i) for i, seg in self.segments.items()}
+
+    def _distance(self, z: dict[str, float], index: int) -> float:
+        center = self.kmeans.centers[index]
+        return math.sqrt(sum((z[name] - center[name]) ** 2 for name in FEATURES))
+
+    def _seed(self, event_ts: int) -> None:
+        points = np.array(
+            [[z[name] for name in FEATURES] for z in map(self.scaler.transform_one, self._warmup.values())]
+        )
+        batch = BatchKMeans(
+            n_clusters=self._settings.n_clusters,
+            init="k-means++",
+            n_init=4,
+            random_state=self._settings.seed,
+        ).fit(points)
+        for index, center in enumerate(batch.cluster_centers_):
+            self.kmeans.centers[index].clear()
+            self.kmeans.centers[index].update(zip(FEATURES, map(float, center), strict=True))
+            self.segments[index] = Segment(id=f"s{self._next_id}", created_at=event_ts)
+            self._next_id += 1
+        self.version = 1
+        self.rename()
+
+    def centroid(self, index: int) -> dict[str, float]:
+        """A segment's centre in original feature units (undoing the scaler)."""
+        center = self.kmeans.centers[index]
+        return {
+            name: self.scaler.means[name] + center[name] * math.sqrt(self.scaler.vars[name])
+            for name in FEATURES
+        }
+
+    def rename(self) -> None:
+        """Re-derive every segment's name and description from its current centroid."""
+        for index, segment in self.segments.items():
+            segment.name, segment.description = describe(
+                self.centroid(index), dict(self.kmeans.centers[index])
+            )
+
+    def to_state(self) -> dict[str, Any]:
+        """A JSON-safe checkpoint: numbers only, so restoring it cannot run code."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "features": list(FEATURES),
+            "n_clusters": self._settings.n_clusters,
+            "version": self.version,
+            "next_id": self._next_id,
+            "scaler": {
+                "counts": dict(self.scaler.counts),
+                "means": dict(self.scaler.means),
+                "vars": dict(self.scaler.vars),
+            },
+            "centers": {str(i): dict(c) for i, c in self.kmeans.centers.items()},
+            "segments": {
+                str(i): {"id": s.id, "created_at": s.created_at} for i, s in self.segments.items()
+            },
+        }
+
+    @classmethod
+    def from_state(cls, settings: ModelSettings, state: dict[str, Any]) -> SegmentModel:
+        """Rebuild a model from `to_state()`; ValueError when it does not fit the settings."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        if state.get("features") != list(FEATURES):
+            raise ValueError("checkpoint was made with a different feature set")
+        if state.get("n_clusters") != settings.n_clusters:
+            raise ValueError(
+                f"checkpoint has {state.get('n_clusters')} clusters, settings ask for "
+                f"{settings.n_clusters} (model.n_clusters)"
+            )
+        model = cls(settings)
+        scaler = state["scaler"]
+        model.scaler = preprocessing.StandardScaler._from_state(
+            scaler["counts"], scaler["means"], scaler["vars"]
+        )
+        for index, center in state["centers"].items():
+            model.kmeans.centers[int(index)].clear()
+            model.kmeans.centers[int(index)].update(center)
+        model.segments = {int(i): Segment(**s) for i, s in state["segments"].items()}
+        model.version = int(state["version"])
+        model._next_id = int(state["next_id"])
+        if model.ready:
+            model.rename()
+        return model
+
+
+def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]:
+    """Name a segment by what sets its centroid apart from the population.
+
+    `centroid` is in original feature units, `z` in standard deviations from the
+    population mean. Each rule that fires offers a phrase scored by how far out the
+    centroid is; the name is the three strongest phrases.
+    """
+    orders = math.expm1(centroid["orders"])
+    bought = orders >= 0.2
+    rules: list[tuple[bool, str, float]] = [
+        (not bought, "never bought", 3.0),
+        (bought and z["spend"] > 0.6, "big spenders", z["spend"]),
+        (bought and z["orders"] > 0.6, "frequent buyers", z["orders"]),
+        (bought and z["purchase_recency_days"] > 0.6, "lapsing", z["purchase_recency_days"]),
+        (bought and z["purchase_recency_days"] < -0.6, "recent buyers", -z["purchase_recency_days"]),
+        (z["price_level"] < -0.6, "bargain hunters", -z["price_level"]),
+        (z["price_level"] > 0.6, "premium taste", z["price_level"]),
+        (z["search_share"] > 0.6, "searchers", z["search_share"]),
+        (z["activity"] > 0.6, "highly active", z["activity"]),
+        (z["activity"] < -0.6, "occasional", -z["activity"]),
+        (z["tenure_days"] < -0.6, "new", -z["tenure_days"]),
+        (z["view_to_cart"] > 0.6, "cart fillers", z["view_to_cart"]),
+        (bought and z["cart_to_purchase"] < -0.6, "cart abandoners", -z["cart_to_purchase"]),
+        (not bought and z["activity"] >= -0.6, "browsers", 2.0),
+    ]
+    phrases = [phrase for fired, phrase, score in sorted(rules, key=lambda r: -r[2]) if fired]
+    name = ", ".join(phrases[:3]) or "typical shoppers"
+    description = (
+        f"~{orders:.1f} recent orders, avg order ${math.expm1(centroid['aov']):.0f}, "
+        f"{math.expm1(centroid['sessions']):.1f} sessions, "
+        f"items viewed ~${math.expm1(centroid['price_level']):.0f}, "
+        f"last purchase {centroid['purchase_recency_days']:.0f} d before last visit, "
+        f"active {centroid['tenure_days']:.0f} d"
+    )
+    return name, description

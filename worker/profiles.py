@@ -1,0 +1,205 @@
+"""The incremental profile of one shopper, and a bounded cache of profiles over Redis.
+
+A profile is a fold over the user's events on event time: every decayed quantity is
+multiplied by 2^(-Δt / half-life) when the user's clock moves forward, so replaying the
+same events in the same order gives bit-for-bit the same profile, whenever it runs.
+An event older than the user's clock (out of order) does not rewind the clock; its
+own weight is decayed instead.
+
+The profile also carries the replay fence: per input topic, the partition and offset of
+the last event applied to it. All of a user's events on a topic come from one partition
+(the key is the user id), so an event at or below that offset is already applied.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import orjson
+
+from config.settings import ProfileSettings
+from schemas.events import ClickEvent, PurchaseEvent
+
+DAY_MS = 86_400_000
+MINUTE_MS = 60_000
+
+
+class Position(NamedTuple):
+    """Where an event was read: its topic, partition and offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class Profile:
+    user_id: str
+    fence: dict[str, list[int]] = field(default_factory=dict)
+    first_ts: int = 0
+    last_ts: int = 0
+    counts: dict[str, float] = field(default_factory=dict)
+    sessions: float = 0.0
+    session_id: str | None = None
+    orders: int = 0
+    monetary: float = 0.0
+    spend: float = 0.0
+    last_purchase_ts: int | None = None
+    price_sum: float = 0.0
+    price_weight: float = 0.0
+    categories: dict[str, float] = field(default_factory=dict)
+    segment: str | None = None
+
+    def applied(self, position: Position) -> bool:
+        """Whether the event at this position is already folded into the profile."""
+        last = self.fence.get(position.topic)
+        return last is not None and last[0] == position.partition and position.offset <= last[1]
+
+    def owned_by(self, partitions: set[tuple[str, int]]) -> bool:
+        return any((topic, last[0]) in partitions for topic, last in self.fence.items())
+
+    @property
+    def aov(self) -> float:
+        return self.monetary / self.orders if self.orders else 0.0
+
+    @property
+    def mean_price(self) -> float:
+        return self.price_sum / self.price_weight if self.price_weight else 0.0
+
+    def top_categories(self, n: int) -> list[tuple[str, float]]:
+        return sorted(self.categories.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Profile:
+        return cls(**orjson.loads(blob))
+
+
+class ProfileUpdater:
+    """Folds events into profiles with the decay and session rules of the settings."""
+
+    def __init__(self, settings: ProfileSettings) -> None:
+        self._half_life_ms = settings.half_life_days * DAY_MS
+        self._session_gap_ms = settings.session_gap_minutes * MINUTE_MS
+        self._top_categories = settings.top_categories
+
+    def apply(self, profile: Profile, event: ClickEvent | PurchaseEvent, position: Position) -> None:
+        previous_ts = profile.last_ts
+        weight = self._advance_clock(profile, event)
+        if self._starts_session(profile, event, previous_ts):
+            profile.sessions += weight
+        profile.counts[event.event_type] = profile.counts.get(event.event_type, 0.0) + weight
+        if isinstance(event, PurchaseEvent):
+            self._fold_purchase(profile, event, weight)
+        else:
+            if event.price is not None and event.event_type == "product_view":
+                profile.price_sum += weight * event.price
+                profile.price_weight += weight
+            if event.category is not None:
+                self._add_category(profile, event.category, weight)
+        profile.fence[position.topic] = [position.partition, position.offset]
+
+    def _advance_clock(self, profile: Profile, event: ClickEvent | PurchaseEvent) -> float:
+        """Decay the profile up to the event's time; return the weight of the event."""
+        if not profile.first_ts:
+            profile.first_ts = profile.last_ts = event.timestamp
+            return 1.0
+        dt = event.timestamp - profile.last_ts
+        if dt < 0:
+            profile.first_ts = min(profile.first_ts, event.timestamp)
+            return float(0.5 ** (-dt / self._half_life_ms))
+        factor = 0.5 ** (dt / self._half_life_ms)
+        for name in profile.counts:
+            profile.counts[name] *= factor
+        for name in profile.categories:
+            profile.categories[name] *= factor
+        profile.sessions *= factor
+        profile.spend *= factor
+        profile.price_sum *= factor
+        profile.price_weight *= factor
+        profile.last_ts = event.timestamp
+        return 1.0
+
+    def _starts_session(
+        self, profile: Profile, event: ClickEvent | PurchaseEvent, previous_ts: int
+    ) -> bool:
+        """A new session id starts a session; without one, a long enough gap does."""
+        session_id = event.session_id if isinstance(event, ClickEvent) else None
+        if session_id is not None:
+            new = session_id != profile.session_id
+            profile.session_id = session_id
+            return new
+        if not previous_ts:
+            return True
+        return event.timestamp - previous_ts > self._session_gap_ms
+
+    def _fold_purchase(self, profile: Profile, event: PurchaseEvent, weight: float) -> None:
+        total = event.total or sum(item.unit_price * item.quantity for item in event.items)
+        profile.orders += 1
+        profile.monetary += total
+        profile.spend += weight * total
+        if profile.last_purchase_ts is None or event.timestamp > profile.last_purchase_ts:
+            profile.last_purchase_ts = event.timestamp
+        for item in event.items:
+            if item.category is not None:
+                self._add_category(profile, item.category, weight * item.quantity)
+
+    def _add_category(self, profile: Profile, category: str, weight: float) -> None:
+        cats = profile.categories
+        cats[category] = cats.get(category, 0.0) + weight
+        # Keep a few more than reported so a rising category can overtake a fading one.
+        limit = 2 * self._top_categories
+        if len(cats) > limit:
+            for name, _ in sorted(cats.items(), key=lambda kv: (kv[1], kv[0]))[: len(cats) - limit]:
+                del cats[name]
+
+
+class ProfileCache:
+    """A bounded LRU of profiles; the authoritative copy lives in Redis.
+
+    Only clean profiles are ever evicted: the worker writes every profile it changed
+    before the next poll, so eviction never loses an update.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._profiles: OrderedDict[str, Profile] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._profiles)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._profiles
+
+    def __iter__(self) -> Iterator[Profile]:
+        return iter(self._profiles.values())
+
+    def get(self, user_id: str) -> Profile | None:
+        profile = self._profiles.get(user_id)
+        if profile is not None:
+            self._profiles.move_to_end(user_id)
+        return profile
+
+    def put(self, profile: Profile) -> None:
+        self._profiles[profile.user_id] = profile
+        self._profiles.move_to_end(profile.user_id)
+
+    def trim(self) -> None:
+        """Evict least recently used profiles down to capacity (after a batch is written)."""
+        while len(self._profiles) > self._capacity:
+            self._profiles.popitem(last=False)
+
+    def discard(self, user_ids: Iterable[str]) -> None:
+        for user_id in user_ids:
+            self._profiles.pop(user_id, None)
+
+    def drop_partitions(self, partitions: set[tuple[str, int]]) -> int:
+        """Forget profiles fed by partitions this worker no longer owns; return how many."""
+        gone = [p.user_id for p in self._profiles.values() if p.owned_by(partitions)]
+        self.discard(gone)
+        return len(gone)
