@@ -30,6 +30,10 @@ class RedisKeys:
     def segment(self, segment_id: str) -> str:
         return f"{self.prefix}:segment:{segment_id}"
 
+    def members(self, segment_id: str) -> str:
+        """Sorted set of the segment's users, scored by last write (epoch ms)."""
+        return f"{self.prefix}:members:{segment_id}"
+
     @property
     def segments(self) -> str:
         return f"{self.prefix}:segments"

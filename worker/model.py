@@ -80,6 +80,13 @@ class SegmentModel:
         index = self.kmeans.learn_predict_one(z)
         return {user_id: Assignment(self.segments[index].id, self._distance(z, index))}
 
+    def forget(self, user_id: str) -> None:
+        """Drop a deleted user from the warm-up buffer."""
+        self._warmup.pop(user_id, None)
+
+    def name_of(self, segment_id: str) -> str:
+        return next(s.name for s in self.segments.values() if s.id == segment_id)
+
     def assign(self, x: dict[str, float]) -> Assignment:
         """The nearest segment to a profile, without learning from it."""
         z = self.scaler.transform_one(x)

@@ -1,0 +1,86 @@
+"""The Prometheus metrics of the worker: one object, created once and passed to the stages.
+
+Each worker owns its registry (not prometheus_client's global one), so several workers
+in one process, as in tests, never share or collide on a metric.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DISTANCE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "segmentation_events", "Valid events applied to profiles.",
+            ["topic", "event_type"], registry=r,
+        )
+        self.invalid = Counter(
+            "segmentation_events_invalid", "Records sent to the DLQ, by reason.",
+            ["reason"], registry=r,
+        )
+        self.skipped = Counter(
+            "segmentation_events_skipped",
+            "Valid events not applied because Redis already holds them (replay after a crash "
+            "or rebalance).",
+            registry=r,
+        )
+        self.latency = Histogram(
+            "segmentation_event_to_segment_latency_seconds",
+            "From the event being consumed to its segment being written to Redis.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.distance = Histogram(
+            "segmentation_assignment_distance",
+            "Distance (standardized units) from a user's profile to their segment's centre.",
+            buckets=DISTANCE_BUCKETS, registry=r,
+        )
+        self.lag = Gauge(
+            "segmentation_consumer_lag", "Records behind the partition's high watermark.",
+            ["topic", "partition"], registry=r,
+        )
+        self.segment_users = Gauge(
+            "segmentation_segment_users", "Users currently in each segment.",
+            ["segment"], registry=r,
+        )
+        self.segment_changes = Counter(
+            "segmentation_segment_changes", "Users whose segment changed (first one included).",
+            registry=r,
+        )
+        self.drift = Counter(
+            "segmentation_drift_detected", "Drift detections, by detector.",
+            ["detector"], registry=r,
+        )
+        self.model_version = Gauge(
+            "segmentation_model_version", "Version of the segment model in use.", registry=r
+        )
+        self.profiles_active = Gauge(
+            "segmentation_profiles_active", "Profiles held in the worker's cache.", registry=r
+        )
+        self.users_deleted = Counter(
+            "segmentation_users_deleted", "Users removed by user_deleted events.", registry=r
+        )
+        self.assigned_partitions = Gauge(
+            "segmentation_assigned_partitions", "Input partitions assigned to this worker.",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "segmentation_redis_errors", "Failed Redis operations (each is retried).",
+            ["operation"], registry=r,
+        )
+        self.kafka_errors = Counter(
+            "segmentation_kafka_errors", "Failed Kafka operations (each is retried).",
+            ["operation"], registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "segmentation_batch_seconds", "Wall time to process, write and commit one poll batch.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.checkpoints = Counter(
+            "segmentation_model_checkpoints", "Model checkpoints written to Redis.", registry=r
+        )

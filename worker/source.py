@@ -1,0 +1,198 @@
+"""The Kafka side of the loop: consume in batches, follow rebalances, commit offsets.
+
+Offsets are committed only by `commit()`, which the app calls after the batch's Redis
+write succeeded. On assignment the consumer resumes from the further of Kafka's
+committed offset and the offset Redis says it has applied, so a crash between the Redis
+write and the commit does not replay the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+from kafka.structs import OffsetAndMetadata
+
+from config.settings import KafkaSettings
+from worker.metrics import Metrics
+from worker.profiles import Position
+from worker.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    position: Position
+    key: bytes | None
+    value: bytes | None
+    consumed_at: float
+
+
+def kafka_client_config(settings: KafkaSettings) -> dict[str, object]:
+    """Connection settings shared by the consumer, producers and admin client."""
+    config: dict[str, object] = {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        config |= {
+            "sasl_mechanism": settings.sasl_mechanism,
+            "sasl_plain_username": settings.sasl_username,
+            "sasl_plain_password": settings.sasl_password,
+        }
+    if settings.ssl_cafile:
+        config["ssl_cafile"] = settings.ssl_cafile
+    return config
+
+
+class KafkaSource:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        metrics: Metrics,
+        backoff: Backoff,
+        applied_offsets: Callable[[list[tuple[str, int]]], dict[tuple[str, int], int]],
+        on_revoked: Callable[[set[tuple[str, int]]], None],
+    ) -> None:
+        """`applied_offsets` maps partitions to the last offset Redis has applied;
+        `on_revoked` lets the app forget state of partitions it lost."""
+        self._settings = settings
+        self._metrics = metrics
+        self._backoff = backoff
+        self._applied_offsets = applied_offsets
+        self._on_revoked = on_revoked
+        self._consumer: KafkaConsumer | None = None
+        self._next: dict[TopicPartition, int] = {}
+
+    def connect(self) -> None:
+        """Join the consumer group, retrying while no broker answers."""
+        s = self._settings
+        self._consumer = self._backoff.call(
+            f"connecting to Kafka at {s.bootstrap_servers}",
+            lambda: KafkaConsumer(
+                **kafka_client_config(s),
+                group_id=s.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=s.auto_offset_reset,
+                max_poll_records=s.max_poll_records,
+                fetch_max_wait_ms=s.fetch_max_wait_ms,
+                session_timeout_ms=s.session_timeout_ms,
+                heartbeat_interval_ms=s.heartbeat_interval_ms,
+                max_poll_interval_ms=s.max_poll_interval_ms,
+            ),
+            retry_on=(NoBrokersAvailable, KafkaError),
+            on_error=lambda _: self._metrics.kafka_errors.labels("connect").inc(),
+        )
+        self._consumer.subscribe(list(s.input_topics), listener=_Listener(self))
+        log.info("joined consumer group %s for topics %s", s.group_id, ", ".join(s.input_topics))
+
+    @property
+    def consumer(self) -> KafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("KafkaSource.connect() was not called")
+        return self._consumer
+
+    @property
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment()) if self._consumer else set()
+
+    def poll(self) -> list[Record]:
+        """One batch of records, in partition order; empty on timeout or broker trouble."""
+        try:
+            batches = self.consumer.poll(
+                timeout_ms=self._settings.poll_timeout_ms,
+                max_records=self._settings.max_poll_records,
+            )
+        except KafkaError as exc:
+            self._metrics.kafka_errors.labels("poll").inc()
+            log.warning("poll failed (%s); the consumer will reconnect", exc)
+            return []
+        now = time.time()
+        records = []
+        for tp, messages in batches.items():
+            for m in messages:
+                records.append(Record(Position(tp.topic, tp.partition, m.offset), m.key, m.value, now))
+            if messages:
+                self._next[tp] = messages[-1].offset + 1
+        return records
+
+    def commit(self, positions: dict[tuple[str, int], int]) -> None:
+        """Commit 'next offset to read' per partition, retrying transient errors.
+
+        A commit refused because the group rebalanced is not retried: the partition
+        is someone else's now, and the Redis fence makes their replay harmless.
+        """
+        offsets = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset + 1, "", -1)
+            for (topic, partition), offset in positions.items()
+        }
+
+        def commit() -> None:
+            try:
+                self.consumer.commit(offsets)
+            except CommitFailedError as exc:
+                log.warning("commit refused after a rebalance (%s); Redis fences the replay", exc)
+
+        self._backoff.call(
+            "committing offsets", commit, retry_on=(KafkaError,),
+            on_error=lambda _: self._metrics.kafka_errors.labels("commit").inc(),
+        )
+
+    def update_lag(self) -> None:
+        """Lag from the high watermark the last fetch reported: no extra broker call."""
+        for tp in self.assignment:
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and tp in self._next:
+                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(
+                    max(highwater - self._next[tp], 0)
+                )
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+
+    def _assigned(self, partitions: list[TopicPartition]) -> None:
+        self._metrics.assigned_partitions.set(len(self.assignment))
+        applied = self._applied_offsets([(tp.topic, tp.partition) for tp in partitions])
+        for tp in partitions:
+            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
+            last = applied.get((tp.topic, tp.partition))
+            committed = self.consumer.committed(tp)
+            if last is not None and (committed is None or last + 1 > committed):
+                log.info("%s-%d: Redis has applied up to %d, Kafka committed %s; resuming at %d",
+                         tp.topic, tp.partition, last, committed, last + 1)
+                self.consumer.seek(tp, last + 1)
+        log.info("assigned %s", _names(partitions))
+
+    def _revoked(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._next.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                self._metrics.lag.remove(tp.topic, str(tp.partition))
+        self._on_revoked({(tp.topic, tp.partition) for tp in partitions})
+        self._metrics.assigned_partitions.set(len(self.assignment) - len(partitions))
+        log.info("revoked %s", _names(partitions))
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._source._assigned(assigned)
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._source._revoked(revoked)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}-{tp.partition}" for tp in sorted(partitions)) or "nothing"
