@@ -91,7 +91,7 @@ class ModelSettings(_Section):
     algorithm: Literal["kmeans"] = "kmeans"
     n_clusters: Annotated[int, Field(ge=2, le=64)] = 6
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 0.02
-    warmup_users: Annotated[int, Field(ge=10)] = 1000
+    warmup_users: Annotated[int, Field(ge=10)] = 500
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
 

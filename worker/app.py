@@ -93,9 +93,10 @@ class Worker:
             last_event = time.monotonic()
             while not self.stop.is_set():
                 records = self.source.poll()
+                if records or not self.source.assignment:  # idle counts once we may consume
+                    last_event = time.monotonic()
                 if records:
                     self.process(records)
-                    last_event = time.monotonic()
                 elif stop_after_idle is not None and time.monotonic() - last_event > stop_after_idle:
                     log.info("no new event for %.0fs; stopping", stop_after_idle)
                     break

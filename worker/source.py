@@ -1,9 +1,11 @@
 """The Kafka side of the loop: consume in batches, follow rebalances, commit offsets.
 
 Offsets are committed only by `commit()`, which the app calls after the batch's Redis
-write succeeded. On assignment the consumer resumes from the further of Kafka's
-committed offset and the offset Redis says it has applied, so a crash between the Redis
-write and the commit does not replay the batch.
+write succeeded. On assignment the consumer resumes right after the offset Redis says it
+has applied, when Redis knows one, else from Kafka's committed offset. Redis is the
+state, so its offset is the truth: ahead of Kafka's after a crash between the Redis
+write and the commit (nothing is replayed), behind it only if Redis lost writes (then
+the replay rebuilds exactly what was lost, the per-user fences skipping the rest).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from config.settings import KafkaSettings
@@ -88,7 +90,7 @@ class KafkaSource:
                 heartbeat_interval_ms=s.heartbeat_interval_ms,
                 max_poll_interval_ms=s.max_poll_interval_ms,
             ),
-            retry_on=(NoBrokersAvailable, KafkaError),
+            retry_on=(KafkaError,),
             on_error=lambda _: self._metrics.kafka_errors.labels("connect").inc(),
         )
         self._consumer.subscribe(list(s.input_topics), listener=_Listener(self))
@@ -166,10 +168,7 @@ class KafkaSource:
         for tp in partitions:
             self._metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
             last = applied.get((tp.topic, tp.partition))
-            committed = self.consumer.committed(tp)
-            if last is not None and (committed is None or last + 1 > committed):
-                log.info("%s-%d: Redis has applied up to %d, Kafka committed %s; resuming at %d",
-                         tp.topic, tp.partition, last, committed, last + 1)
+            if last is not None:
                 self.consumer.seek(tp, last + 1)
         log.info("assigned %s", _names(partitions))
 
@@ -196,3 +195,21 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}-{tp.partition}" for tp in sorted(partitions)) or "nothing"
+
+
+def ensure_topics(settings: KafkaSettings, partitions: int) -> None:
+    """Create the input and output topics that do not exist yet (demo, tests, backfills)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**kafka_client_config(settings))
+    try:
+        existing = set(admin.list_topics())
+        wanted = [*settings.input_topics, settings.dlq_topic, settings.changes_topic]
+        missing = [NewTopic(t, partitions, 1) for t in wanted if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(missing)
+    finally:
+        admin.close()

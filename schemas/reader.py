@@ -1,0 +1,48 @@
+"""A typed reader of what the worker writes to Redis, for services that use segments."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+import redis
+
+from schemas.records import RedisKeys, SegmentRecord, UserSegment
+
+
+def _text(raw: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class SegmentReader:
+    """`SegmentReader(redis.Redis(...)).get("u-42")` -> the user's segment, or None."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "seg") -> None:
+        self._redis = client
+        self._keys = RedisKeys(prefix)
+
+    def get(self, user_id: str) -> UserSegment | None:
+        raw = self._redis.hgetall(self._keys.user(user_id))
+        return UserSegment.model_validate(_text(raw)) if raw else None
+
+    def segments(self) -> dict[str, SegmentRecord]:
+        """Every live segment by id, ordered by id number."""
+        ids = sorted((i.decode() for i in self._redis.smembers(self._keys.segments)),
+                     key=lambda s: (len(s), s))
+        pipe = self._redis.pipeline(transaction=False)
+        for segment_id in ids:
+            pipe.hgetall(self._keys.segment(segment_id))
+        records = {}
+        for segment_id, raw in zip(ids, pipe.execute(), strict=True):
+            if raw:
+                fields = _text(raw)
+                fields.setdefault("size", "0")
+                records[segment_id] = SegmentRecord.model_validate(
+                    {**fields, "centroid": orjson.loads(fields["centroid"])}
+                )
+        return records
+
+    def members(self, segment_id: str, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
+        """One page of a segment's users: (next cursor, user ids); cursor 0 ends."""
+        next_cursor, page = self._redis.zscan(self._keys.members(segment_id), cursor, count=count)
+        return int(next_cursor), [member.decode() for member, _ in page]

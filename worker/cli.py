@@ -1,0 +1,167 @@
+"""The `segment-worker` commands: parse arguments, build, run. No logic of its own."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import orjson
+import redis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import Settings, SettingsError, load_settings
+from schemas.reader import SegmentReader
+from worker.metrics import Metrics
+
+app = typer.Typer(
+    help="Streaming customer segmentation: Kafka events -> profiles -> River segments -> Redis.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file (also SEGMENT_CONFIG).", dir_okay=False),
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        console.print(f"[red]configuration error[/]\n{exc}")
+        raise typer.Exit(2) from None
+    logging.basicConfig(
+        level=settings.worker.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    return settings
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    stop_after_idle: Annotated[
+        float | None,
+        typer.Option(help="Exit 0 once no event arrived for this many seconds and all is committed."),
+    ] = None,
+) -> None:
+    """Run the worker: join the consumer group and serve until SIGTERM."""
+    from worker.app import Worker
+
+    settings = _settings(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a second signal: the operator means it
+            logging.getLogger(__name__).error("second signal; exiting without draining")
+            raise SystemExit(1)
+        logging.getLogger(__name__).info("signal %d: draining, committing, checkpointing", signum)
+        stop.set()
+        grace = threading.Timer(settings.worker.shutdown_grace_s, lambda: _force_exit(settings))
+        grace.daemon = True
+        grace.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    Worker(settings, Metrics(), stop).run(stop_after_idle=stop_after_idle)
+
+
+def _force_exit(settings: Settings) -> None:
+    import os
+
+    logging.getLogger(__name__).error(
+        "shutdown took longer than worker.shutdown_grace_s=%.0fs; exiting; uncommitted "
+        "events will be replayed", settings.worker.shutdown_grace_s)
+    os._exit(1)
+
+
+@app.command()
+def generate(
+    users: Annotated[int, typer.Option(min=1, help="Distinct shoppers.")] = 5000,
+    events: Annotated[int, typer.Option(min=1, help="Events in all.")] = 50_000,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same events.")] = 7,
+    out: Annotated[Path | None, typer.Option(help="Write the events to this JSONL file.")] = None,
+    kafka: Annotated[bool, typer.Option("--kafka", help="Produce to the input topics.")] = False,
+    partitions: Annotated[int, typer.Option(help="Partitions of topics created by --kafka.")] = 4,
+    truth: Annotated[Path | None, typer.Option(help="Write user_id,persona CSV here.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Generate a synthetic shop's events (5+ personas), to a file or to Kafka."""
+    from worker.demo import produce
+    from worker.generator import generate as generate_shop
+    from worker.source import ensure_topics
+
+    if not (out or kafka):
+        console.print("[red]give --out FILE.jsonl, --kafka, or both[/]")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    shop = generate_shop(users, events, seed)
+    if out:
+        with out.open("wb") as f:
+            for event in shop.events:
+                f.write(orjson.dumps(event) + b"\n")
+        console.print(f"wrote {len(shop.events):,} events to {out}")
+    if kafka:
+        ensure_topics(settings.kafka, partitions)
+        sent = produce(shop.events, settings)
+        console.print(f"produced {sent:,} events to {settings.kafka.bootstrap_servers}")
+    if truth:
+        with truth.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["user_id", "persona"])
+            writer.writerows(sorted(shop.truth.items()))
+        console.print(f"wrote the personas of {len(shop.truth):,} users to {truth}")
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(min=5, help="Seconds before the demo ends.")] = 60,
+    users: Annotated[int, typer.Option(min=50, help="Distinct shoppers.")] = 3000,
+    rate: Annotated[float, typer.Option(min=10, help="Events per second produced.")] = 1500,
+    config: ConfigOption = None,
+) -> None:
+    """The whole pipeline embedded (broker, Redis, generator, worker) with a live table."""
+    from worker.demo import run_demo
+
+    settings = _settings(config)
+    logging.getLogger().setLevel(logging.WARNING)  # the live table is the output
+    run_demo(settings, duration, users, rate, console)
+
+
+@app.command()
+def segments(config: ConfigOption = None) -> None:
+    """Print the live segments stored in Redis."""
+    from worker.demo import segment_table
+
+    settings = _settings(config)
+    console.print(segment_table(_reader(settings), "Segments"))
+
+
+@app.command()
+def inspect(user_id: str, config: ConfigOption = None) -> None:
+    """Print one user's segment as other services read it."""
+    settings = _settings(config)
+    user = _reader(settings).get(user_id)
+    if user is None:
+        console.print(f"no segment stored for {user_id!r}")
+        raise typer.Exit(1)
+    table = Table(title=f"seg:user:{user_id}", show_header=False)
+    for field, value in user.model_dump().items():
+        table.add_row(field, str(value))
+    console.print(table)
+
+
+def _reader(settings: Settings) -> SegmentReader:
+    return SegmentReader(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix)

@@ -1,0 +1,192 @@
+"""A synthetic shop: users with behavioural personas, their sessions, clicks and orders.
+
+Seeded and reproducible: the same arguments always give the same events in the same
+order. Every event follows the schema of DESIGN.md; clicks carry ISO-8601 timestamps and
+purchases epoch milliseconds, as real producers mix both. Each user's persona is the
+ground truth for evaluating the segments.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from schemas.events import CLICK_TYPES
+
+DAY_MS = 86_400_000
+START_MS = int(datetime(2026, 9, 1, tzinfo=UTC).timestamp() * 1000)
+CATEGORIES = ("audio", "books", "fashion", "garden", "gaming", "home", "kitchen", "sports", "toys")
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    name: str
+    share: float
+    sessions_per_day: float
+    events_per_session: float
+    mix: dict[str, float]
+    buy_per_session: float
+    price: float
+    items_per_order: float = 1.5
+    joins_at: float = 0.0  # fraction of the timeline before the user appears
+    stops_buying_at: float = 1.0  # fraction of the timeline after which they only browse
+    categories: tuple[str, ...] = CATEGORIES
+
+
+def _mix(**weights: float) -> dict[str, float]:
+    return {name: weights.get(name, 0.0) for name in CLICK_TYPES}
+
+
+PERSONAS: tuple[Persona, ...] = (
+    Persona("loyal_big_spender", 0.15, 0.9, 10,
+            _mix(page_view=2, product_view=5, search=1, add_to_cart=3, checkout_start=1.5),
+            buy_per_session=0.55, price=160, items_per_order=2.5,
+            categories=("audio", "fashion", "home")),
+    Persona("bargain_hunter", 0.2, 0.8, 14,
+            _mix(page_view=2, product_view=5, search=5, add_to_cart=2, remove_from_cart=1,
+                 checkout_start=0.5),
+            buy_per_session=0.2, price=14, items_per_order=3),
+    Persona("window_shopper", 0.25, 0.6, 9,
+            _mix(page_view=4, product_view=6, search=1, wishlist_add=1.5),
+            buy_per_session=0.0, price=70),
+    Persona("new_visitor", 0.15, 1.0, 4, _mix(page_view=5, product_view=3, search=1),
+            buy_per_session=0.02, price=45, joins_at=0.7),
+    Persona("lapsing_customer", 0.15, 0.35, 7,
+            _mix(page_view=4, product_view=4, search=1, add_to_cart=1),
+            buy_per_session=0.45, price=60, stops_buying_at=0.3),
+    Persona("cart_abandoner", 0.1, 0.7, 10,
+            _mix(page_view=1, product_view=4, add_to_cart=5, remove_from_cart=2,
+                 checkout_start=3),
+            buy_per_session=0.03, price=55),
+)
+
+
+@dataclass(slots=True)
+class Shop:
+    """The generated stream: events in event-time order and each user's persona."""
+
+    events: list[dict[str, object]] = field(default_factory=list)
+    truth: dict[str, str] = field(default_factory=dict)
+
+
+def generate(users: int, events: int, seed: int = 7) -> Shop:
+    """`events` events from `users` users, sorted by event time.
+
+    The timeline's length is chosen so the personas' rates produce at least `events`
+    events; the stream is then cut to exactly that many.
+    """
+    personas = random.Random(seed).choices(PERSONAS, weights=[p.share for p in PERSONAS], k=users)
+    days = _timeline_for(personas, events)
+    while True:  # the rates are expectations: lengthen the timeline if the draw fell short
+        rng = random.Random(seed)
+        timed: list[tuple[int, int, dict[str, object]]] = []
+        for index, persona in enumerate(personas):
+            for ts, event in _user_events(rng, f"u-{index}", persona, days):
+                timed.append((ts, len(timed), event))
+        if len(timed) >= events:
+            break
+        days *= 1.05 * events / len(timed)
+    timed.sort(key=lambda t: (t[0], t[1]))
+    shop = Shop(events=[event for _, _, event in timed[:events]])
+    seen = {str(e["user_id"]) for e in shop.events}
+    shop.truth = {
+        f"u-{i}": p.name for i, p in enumerate(personas) if f"u-{i}" in seen
+    }
+    return shop
+
+
+def _timeline_for(personas: list[Persona], events: int) -> float:
+    """Days of timeline whose expected event count is `events` (bisection).
+
+    Every user has at least one session, so a user's expected sessions over an active
+    span x is E[max(1, Poisson(x))] = x + e^-x, not x.
+    """
+    counts = Counter(p.name for p in personas)
+    by_name = {p.name: p for p in personas}
+
+    def expected(days: float) -> float:
+        total = 0.0
+        for name, n in counts.items():
+            p = by_name[name]
+            x = p.sessions_per_day * days * (1 - p.joins_at)
+            total += n * (x + math.exp(-x)) * (p.events_per_session + p.buy_per_session)
+        return total
+
+    low, high = 0.0, 1.0
+    while expected(high) < events:
+        high *= 2
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected(mid) < events else (low, mid)
+    return high
+
+
+def _user_events(
+    rng: random.Random, user_id: str, p: Persona, days: float
+) -> Iterator[tuple[int, dict[str, object]]]:
+    start = p.joins_at * days * rng.uniform(0.9, 1.1) if p.joins_at else 0.0
+    active = days - start
+    stop_buying = start + p.stops_buying_at * active
+    n_sessions = max(1, _poisson(rng, p.sessions_per_day * active))
+    favourites = rng.sample(p.categories, k=min(2, len(p.categories)))
+    counter = 0
+    for s, day in enumerate(sorted(rng.uniform(start, days) for _ in range(n_sessions))):
+        ts = START_MS + int(day * DAY_MS)
+        session_id = f"{user_id}-s{s}"
+        cart: list[tuple[str, str, float]] = []
+        for _ in range(1 + _poisson(rng, p.events_per_session - 1)):
+            ts += rng.randint(5_000, 90_000)
+            counter += 1
+            kind = rng.choices(CLICK_TYPES, weights=list(p.mix.values()))[0]
+            category = rng.choice(favourites) if rng.random() < 0.7 else rng.choice(CATEGORIES)
+            price = round(p.price * math.exp(rng.gauss(0, 0.35)), 2)
+            product_id = f"p-{category}-{rng.randint(1, 400)}"
+            event: dict[str, object] = {
+                "event_id": f"{user_id}-{counter}", "event_type": kind, "user_id": user_id,
+                "session_id": session_id, "timestamp": _iso(ts),
+            }
+            if kind != "page_view" and kind != "search":
+                event |= {"product_id": product_id, "category": category, "price": price}
+            if kind == "add_to_cart":
+                cart.append((product_id, category, price))
+            yield ts, event
+        buy_p = p.buy_per_session if day < stop_buying else 0.0
+        if rng.random() < buy_p:
+            ts += rng.randint(10_000, 120_000)
+            counter += 1
+            n_items = max(1, _poisson(rng, p.items_per_order))
+            items = [
+                {"product_id": pid, "category": cat, "quantity": 1, "unit_price": price}
+                for pid, cat, price in (cart or [])[:n_items]
+            ] or [{
+                "product_id": f"p-{fav}-{rng.randint(1, 400)}", "category": fav, "quantity": n_items,
+                "unit_price": round(p.price * math.exp(rng.gauss(0, 0.35)), 2),
+            } for fav in favourites[:1]]
+            total = round(sum(float(i["unit_price"]) * int(i["quantity"]) for i in items), 2)  # type: ignore[call-overload]
+            order_id = f"o-{user_id}-{counter}"
+            yield ts, {
+                "event_id": order_id, "event_type": "purchase", "user_id": user_id,
+                "order_id": order_id, "timestamp": ts, "currency": "USD", "total": total,
+                "items": items,
+            }
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    """Knuth's method for small means, a rounded normal for large ones."""
+    if lam <= 0:
+        return 0
+    if lam > 30:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, product = math.exp(-lam), 0, rng.random()
+    while product > limit:
+        k += 1
+        product *= rng.random()
+    return k
+
+
+def _iso(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
