@@ -7,6 +7,7 @@ example `SEGMENT_KAFKA_BOOTSTRAP_SERVERS` or `SEGMENT_MODEL_N_CLUSTERS`.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,8 @@ from pydantic_settings import (
 ENV_PREFIX = "SEGMENT_"
 CONFIG_ENV = "SEGMENT_CONFIG"
 DEFAULT_YAML = Path(__file__).with_name("default.yaml")
+
+_yaml_file: ContextVar[Path | None] = ContextVar("yaml_file", default=None)
 
 Positive = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -140,7 +143,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_file = os.environ.get(CONFIG_ENV)
+        yaml_file = _yaml_file.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if yaml_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
@@ -156,13 +159,15 @@ def _env_name(loc: tuple[str | int, ...]) -> str:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Load and validate settings, turning pydantic's errors into named-setting messages."""
-    if config_file is not None:
-        if not config_file.is_file():
-            raise SettingsError(f"config file {config_file} does not exist")
-        os.environ[CONFIG_ENV] = str(config_file)
-    elif (yaml_file := os.environ.get(CONFIG_ENV)) and not Path(yaml_file).is_file():
-        raise SettingsError(f"{CONFIG_ENV}={yaml_file}: config file does not exist")
+    """Load and validate settings, turning pydantic's errors into named-setting messages.
+
+    The YAML file is `config_file`, else the one SEGMENT_CONFIG names, else none.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+    token = _yaml_file.set(config_file)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -171,3 +176,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             name = ".".join(str(part) for part in error["loc"])
             lines.append(f"invalid setting {name} ({_env_name(error['loc'])}): {error['msg']}")
         raise SettingsError("\n".join(lines)) from None
+    finally:
+        _yaml_file.reset(token)

@@ -46,9 +46,9 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
 class _ChildServer:
     name = "server"
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix=f"segment-{self.name}-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:

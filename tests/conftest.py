@@ -1,0 +1,117 @@
+"""Fixtures: a real Tansu broker and a real redis-server per session, isolated per test.
+
+Each test gets its own topic names, consumer group and Redis database contents, so
+tests share the servers (starting them is the slow part) but never each other's data.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import redis
+
+from config.settings import Settings, load_settings
+from worker.app import Worker
+from worker.embedded import EmbeddedBroker, EmbeddedRedis
+from worker.metrics import Metrics
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(
+    request: pytest.FixtureRequest, broker: EmbeddedBroker, redis_server: EmbeddedRedis,
+    redis_client: redis.Redis,
+) -> Settings:
+    """Settings for this test: its own topics and group, short timeouts, small warm-up."""
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:60]
+    return load_settings(
+        kafka={
+            "bootstrap_servers": broker.bootstrap_servers,
+            "group_id": f"g-{name}",
+            "clickstream_topic": f"{name}-clicks",
+            "purchases_topic": f"{name}-purchases",
+            "dlq_topic": f"{name}-dlq",
+            "changes_topic": f"{name}-changes",
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+            "poll_timeout_ms": 200,
+        },
+        redis={"url": redis_server.url},
+        model={"warmup_users": 100, "checkpoint_interval_s": 1.0},
+        metrics={"host": "127.0.0.1", "port": 0},
+        worker={"retry_initial_s": 0.1, "retry_max_s": 1.0},
+    )
+
+
+@dataclass
+class RunningWorker:
+    worker: Worker
+    thread: threading.Thread
+    stop: threading.Event
+    errors: list[BaseException] = field(default_factory=list)
+
+    def join(self, timeout: float = 120) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not stop"
+        if self.errors:
+            raise self.errors[0]
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., RunningWorker]]:
+    """Start workers in threads; each stops after `idle` s without events, or at teardown."""
+    started: list[RunningWorker] = []
+
+    def start(settings: Settings, idle: float | None = 2.0) -> RunningWorker:
+        stop = threading.Event()
+        worker = Worker(settings, Metrics(), stop)
+        running = RunningWorker(worker, threading.Thread(daemon=True), stop)
+
+        def target() -> None:
+            try:
+                worker.run(stop_after_idle=idle)
+            except BaseException as exc:  # surfaced by join()
+                running.errors.append(exc)
+
+        running.thread = threading.Thread(target=target, daemon=True)
+        running.thread.start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop.set()
+        running.thread.join(30)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
+    """Poll `condition` until truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,105 @@
+"""The River model: k-means++ seeding after warm-up, stable ids, names, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from config.settings import ModelSettings, ProfileSettings
+from schemas import EVENT_ADAPTER
+from worker.features import FEATURES, FeatureExtractor
+from worker.generator import generate
+from worker.model import SegmentModel, describe
+from worker.profiles import Position, Profile, ProfileUpdater
+
+SETTINGS = ModelSettings(n_clusters=6, warmup_users=200, seed=1)
+
+
+def trained_model() -> tuple[SegmentModel, dict[str, dict[str, float]]]:
+    shop = generate(users=600, events=12_000, seed=5)
+    updater, extract = ProfileUpdater(ProfileSettings()), FeatureExtractor(ProfileSettings())
+    model, profiles, latest = SegmentModel(SETTINGS), {}, {}
+    for offset, raw in enumerate(shop.events):
+        event = EVENT_ADAPTER.validate_python(raw)
+        profile = profiles.setdefault(event.user_id, Profile(event.user_id))
+        updater.apply(profile, event, Position("t", 0, offset))  # type: ignore[arg-type]
+        latest[event.user_id] = extract(profile)
+        model.learn_assign(event.user_id, latest[event.user_id], event.timestamp)
+    return model, latest
+
+
+@pytest.fixture(scope="module")
+def model_and_profiles() -> tuple[SegmentModel, dict[str, dict[str, float]]]:
+    return trained_model()
+
+
+def test_warm_up_then_seed_assigns_every_buffered_user() -> None:
+    model = SegmentModel(ModelSettings(n_clusters=3, warmup_users=10, seed=1))
+    settled = {}
+    for i in range(10):
+        x = {name: float(i % 3) * 5 + 0.1 * i for name in FEATURES}
+        settled = model.learn_assign(f"u{i}", x, 1000 + i)
+        if i < 9:
+            assert settled == {} and not model.ready
+    assert model.ready and model.version == 1
+    assert set(settled) == {f"u{i}" for i in range(10)}  # warm-up users get a segment too
+    assert sorted(s.id for s in model.segments.values()) == ["s1", "s2", "s3"]
+    # k-means++ on three well-separated groups: each group shares one segment
+    groups = {i % 3: set() for i in range(10)}
+    for i in range(10):
+        groups[i % 3].add(settled[f"u{i}"].segment)
+    assert all(len(ids) == 1 for ids in groups.values())
+    assert len({next(iter(ids)) for ids in groups.values()}) == 3
+
+
+def test_checkpoint_round_trip_assigns_identically(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+    model, profiles = model_and_profiles
+    restored = SegmentModel.from_state(SETTINGS, orjson.loads(orjson.dumps(model.to_state())))
+    assert restored.version == model.version
+    for x in list(profiles.values())[:200]:
+        a, b = model.assign(x), restored.assign(x)
+        assert a.segment == b.segment
+        assert a.distance == pytest.approx(b.distance)
+
+
+def test_incompatible_checkpoint_is_refused(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+    model, _ = model_and_profiles
+    state = model.to_state()
+    with pytest.raises(ValueError, match="model.n_clusters"):
+        SegmentModel.from_state(ModelSettings(n_clusters=4), state)
+    with pytest.raises(ValueError, match="format"):
+        SegmentModel.from_state(SETTINGS, {**state, "format": 99})
+    with pytest.raises(ValueError, match="feature"):
+        SegmentModel.from_state(SETTINGS, {**state, "features": ["x"]})
+
+
+def test_distances_and_assignment_agree(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+    model, profiles = model_and_profiles
+    for x in list(profiles.values())[:100]:
+        distances = model.distances(x)
+        assignment = model.assign(x)
+        assert assignment.segment == min(distances, key=distances.__getitem__)
+        assert assignment.distance == pytest.approx(min(distances.values()))
+
+
+def test_segments_separate_buyers_from_non_buyers(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+    model, _ = model_and_profiles
+    names = [s.name for s in model.segments.values()]
+    assert any("never bought" in n for n in names)
+    assert any("never bought" not in n for n in names)
+
+
+def test_describe_names_from_the_centroid() -> None:
+    population = dict.fromkeys(FEATURES, 0.0)
+    big = {**population, "orders": math.log1p(4), "spend": math.log1p(900), "aov": math.log1p(220),
+           "purchase_recency_days": 2.0, "sessions": math.log1p(6), "price_level": math.log1p(150)}
+    name, description = describe(big, {**population, "spend": 2.0, "orders": 1.5,
+                                       "purchase_recency_days": -1.0})
+    assert name.startswith("big spenders")
+    assert "frequent buyers" in name
+    assert "$220" in description
+    browser = {**population, "orders": 0.0, "purchase_recency_days": 60.0}
+    name, _ = describe(browser, dict(population))
+    assert name.startswith("never bought")
