@@ -124,6 +124,7 @@ class Worker:
         self._last_checkpoint = time.monotonic()
         if not self.model.ready:
             return
+        self.model.rename()  # names follow the centroids at checkpoint pace, not per batch
         self.store.save_model(orjson.dumps(self.model.to_state()))
         self.store.expire_members(seg.id for seg in self.model.segments.values())
         self.metrics.checkpoints.inc()
@@ -247,7 +248,6 @@ class Worker:
     def _snapshots(self) -> list[SegmentSnapshot]:
         if not self.model.ready:
             return []
-        self.model.rename()
         return [
             SegmentSnapshot(seg.id, seg.name, seg.description, self.model.centroid(index),
                             seg.created_at)

@@ -69,7 +69,11 @@ class Decoder:
 
 
 def _is_timestamp_error(exc: ValidationError) -> bool:
-    return any(error["loc"][1:2] == ("timestamp",) for error in exc.errors())
+    """Only the timestamp is wrong (a present but unusable value, the DLQ's own reason)."""
+    return all(
+        error["loc"][1:2] == ("timestamp",) and error["type"] != "missing"
+        for error in exc.errors()
+    )
 
 
 def _summary(exc: ValidationError) -> str:

@@ -1,0 +1,262 @@
+"""The pipeline end to end on a real Tansu broker and a real redis-server. No mocks."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import orjson
+import pytest
+import redis
+from kafka import KafkaConsumer, TopicPartition
+
+from conftest import wait_for
+
+from config.settings import Settings
+from schemas.reader import SegmentReader
+from schemas.records import RedisKeys
+from worker.demo import produce
+from worker.generator import generate
+from worker.source import ensure_topics, kafka_client_config
+
+pytestmark = pytest.mark.integration
+
+BAD_RECORDS: list[tuple[bytes | None, bytes, str]] = [
+    (b"u-1", b"this is not json", "not_json"),
+    (b"u-1", b'{"event_type": "page_view", "user_id": "u-1"}', "invalid"),
+    (b"u-2", b'{"event_id": "x", "event_type": "teleport", "user_id": "u-2", "timestamp": 1}',
+     "unknown_event_type"),
+    (b"u-3", orjson.dumps({"event_id": "x", "event_type": "page_view", "user_id": "u-3",
+                           "timestamp": 17}), "bad_timestamp"),
+    (b"someone-else", orjson.dumps({"event_id": "x", "event_type": "page_view", "user_id": "u-4",
+                                    "timestamp": 1795342874000}), "key_mismatch"),
+    (b"u-5", b"[" * 70_000, "too_large"),
+]
+
+
+def produce_raw(settings: Settings, records: list[tuple[bytes | None, bytes, str]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(**kafka_client_config(settings.kafka), max_request_size=2_000_000)
+    for key, value, _ in records:
+        producer.send(settings.kafka.clickstream_topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def read_topic(settings: Settings, topic: str, expected: int) -> list:  # type: ignore[type-arg]
+    consumer = KafkaConsumer(topic, **kafka_client_config(settings.kafka),
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000,
+                             enable_auto_commit=False)
+    messages = []
+    for message in consumer:
+        messages.append(message)
+        if len(messages) >= expected:
+            break
+    consumer.close()
+    return messages
+
+
+def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
+    consumer = KafkaConsumer(**kafka_client_config(settings.kafka),
+                             group_id=settings.kafka.group_id, enable_auto_commit=False)
+    partitions = [TopicPartition(t, p) for t in settings.kafka.input_topics
+                  for p in consumer.partitions_for_topic(t) or ()]
+    committed = {tp: consumer.committed(tp) or 0 for tp in partitions}
+    consumer.close()
+    return committed
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_every_user_gets_a_segment_bad_input_goes_to_the_dlq_offsets_are_committed(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    ensure_topics(settings.kafka, partitions=3)
+    shop = generate(users=400, events=6000, seed=21)
+    produce(shop.events, settings)
+    produce_raw(settings, BAD_RECORDS)
+
+    running = start_worker(settings, idle=None)
+    port = running.worker.health.port
+
+    # /metrics, scraped over HTTP while the worker runs, counts what happened
+    def all_counted() -> bool:
+        _, text = scrape(port)
+        return (metric_sum(text, "segmentation_events_total") == len(shop.events)
+                and metric_sum(text, "segmentation_events_invalid_total") == len(BAD_RECORDS))
+
+    wait_for(all_counted, timeout=90, what="every record to be counted on /metrics")
+    status, text = scrape(port)
+    assert status == 200
+    kinds = Counter(e["event_type"] for e in shop.events)
+    assert metric_sum(text, "segmentation_events_total", event_type="purchase") == kinds["purchase"]
+    for _, _, reason in BAD_RECORDS:
+        assert metric_sum(text, "segmentation_events_invalid_total", reason=reason) == 1
+    assert metric_sum(text, "segmentation_segment_users") == len(shop.truth)
+    assert metric_sum(text, "segmentation_model_version") == 1
+    assert metric_sum(text, "segmentation_event_to_segment_latency_seconds_count") == (
+        len(shop.events) + len(BAD_RECORDS))
+    assert metric_sum(text, "segmentation_segment_changes_total") >= len(shop.truth)
+    assert metric_sum(text, "segmentation_profiles_active") == len(shop.truth)
+    assert scrape(port, "/readyz")[0] == 200
+    running.stop.set()
+    running.join()
+
+    # every user has a segment, and it is a live segment with a name
+    reader = SegmentReader(redis_client)
+    segments = reader.segments()
+    assert len(segments) == settings.model.n_clusters
+    for user_id in shop.truth:
+        user = reader.get(user_id)
+        assert user is not None, user_id
+        assert user.segment in segments
+        assert user.segment_name  # the name when last assigned; seg:segment has the current
+        assert user.model_version == 1
+    assert sum(s.size for s in segments.values()) == len(shop.truth)
+    members = set()
+    for segment_id in segments:
+        cursor = -1
+        while cursor != 0:
+            cursor, page = reader.members(segment_id, max(cursor, 0))
+            members.update(page)
+    assert members == set(shop.truth)
+
+    # the bad records are in the DLQ with reason, source position and original bytes
+    dead = read_topic(settings, settings.kafka.dlq_topic, len(BAD_RECORDS))
+    assert len(dead) == len(BAD_RECORDS)
+    by_value = {m.value: dict(m.headers) for m in dead}
+    for key, value, reason in BAD_RECORDS:
+        headers = by_value[value]
+        assert headers["dlq.reason"].decode() == reason
+        assert headers["dlq.topic"].decode() == settings.kafka.clickstream_topic
+        assert int(headers["dlq.offset"]) >= 0 and headers["dlq.detail"]
+
+    # every record is committed (offsets are dense from 0; Tansu's ListOffsets lags, so
+    # count instead), and Redis's partition fence is the committed offset minus one
+    committed = committed_offsets(settings)
+    assert sum(committed.values()) == len(shop.events) + len(BAD_RECORDS)
+    fence = {k.decode(): int(v) for k, v in redis_client.hgetall(RedisKeys().offsets).items()}
+    assert fence == {f"{tp.topic}:{tp.partition}": n - 1 for tp, n in committed.items() if n}
+
+
+def test_replay_applies_nothing_twice(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    """Crash between the Redis write and the Kafka commit, twice over: no double count."""
+    ensure_topics(settings.kafka, partitions=2)
+    shop = generate(users=200, events=3000, seed=22)
+    produce(shop.events, settings)
+    start_worker(settings).join()
+    keys = RedisKeys()
+    profiles = {u: redis_client.get(keys.profile(u)) for u in shop.truth}
+
+    # 1. A new group (no committed offsets): Redis's partition offsets say all is applied.
+    fresh_group = settings.model_copy(update={"kafka": settings.kafka.model_copy(
+        update={"group_id": settings.kafka.group_id + "-again"})})
+    again = start_worker(fresh_group)
+    again.join()
+    assert again.worker.metrics.events.collect()[0].samples == []  # nothing applied
+
+    # 2. Also lose the partition offsets: every event is re-read, each user's fence skips it.
+    redis_client.delete(keys.offsets)
+    third_group = settings.model_copy(update={"kafka": settings.kafka.model_copy(
+        update={"group_id": settings.kafka.group_id + "-third"})})
+    third = start_worker(third_group)
+    third.join()
+    skipped = third.worker.metrics.skipped.collect()[0].samples[0].value
+    assert skipped == len(shop.events)
+    assert {u: redis_client.get(keys.profile(u)) for u in shop.truth} == profiles
+
+
+def test_user_deleted_removes_everything_about_the_user(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    ensure_topics(settings.kafka, partitions=2)
+    shop = generate(users=150, events=2000, seed=23)
+    produce(shop.events, settings)
+    start_worker(settings).join()
+    reader, keys = SegmentReader(redis_client), RedisKeys()
+    victim = sorted(shop.truth)[0]
+    segment = reader.get(victim).segment  # type: ignore[union-attr]
+    size_before = reader.segments()[segment].size
+
+    produce([{"event_id": "del-1", "event_type": "user_deleted", "user_id": victim,
+              "timestamp": 1795342874000}], settings)
+    start_worker(settings).join()
+
+    assert reader.get(victim) is None
+    assert redis_client.get(keys.profile(victim)) is None
+    assert redis_client.zscore(keys.members(segment), victim) is None
+    assert reader.segments()[segment].size == size_before - 1
+    changes = read_topic(settings, settings.kafka.changes_topic, 10_000)
+    last = [orjson.loads(m.value) for m in changes if m.key == victim.encode()][-1]
+    assert last["from"] == segment and last["to"] is None
+
+
+def test_segment_changes_are_published(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    ensure_topics(settings.kafka, partitions=2)
+    shop = generate(users=150, events=2000, seed=24)
+    produce(shop.events, settings)
+    running = start_worker(settings)
+    running.join()
+    published = running.worker.metrics.segment_changes.collect()[0].samples[0].value
+    changes = [orjson.loads(m.value) for m in
+               read_topic(settings, settings.kafka.changes_topic, int(published))]
+    assert len(changes) == published
+    first = {}
+    for change in changes:
+        assert set(change) == {"user_id", "from", "to", "model_version", "timestamp"}
+        first.setdefault(change["user_id"], change)
+    assert set(first) == set(shop.truth)
+    assert all(c["from"] is None for c in first.values())  # a user's first change has no from
+    reader = SegmentReader(redis_client)
+    last = {c["user_id"]: c["to"] for c in changes}
+    assert all(reader.get(u).segment == s for u, s in last.items())  # type: ignore[union-attr]
+
+
+def test_model_checkpoint_survives_a_restart(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    ensure_topics(settings.kafka, partitions=2)
+    shop = generate(users=200, events=3000, seed=25)
+    produce(shop.events[:2000], settings)
+    first = start_worker(settings)
+    first.join()
+    ids_before = {s.id for s in first.worker.model.segments.values()}
+    produce(shop.events[2000:], settings)
+    second = start_worker(settings)
+    second.join()
+    assert second.worker.model.version == 1  # restored, not re-seeded
+    assert {s.id for s in second.worker.model.segments.values()} == ids_before
+    assert set(SegmentReader(redis_client).segments()) == ids_before
+
+
+def test_readiness_follows_assignment(settings: Settings, start_worker) -> None:  # type: ignore[no-untyped-def]
+    ensure_topics(settings.kafka, partitions=1)
+    running = start_worker(settings, idle=None)
+    port_ready = lambda: running.worker.health._thread.is_alive()  # noqa: E731
+    wait_for(port_ready, what="health server")
+    assert scrape(running.worker.health.port, "/healthz")[0] == 200
+    wait_for(lambda: scrape(running.worker.health.port, "/readyz")[0] == 200, what="ready")
+    running.stop.set()
+    running.join()
