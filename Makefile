@@ -16,6 +16,7 @@ demo: $(BIN)/segment-worker
 
 lint: $(BIN)/segment-worker
 	$(BIN)/ruff check worker schemas config tests
+	$(BIN)/ruff format --check worker schemas config tests
 	$(BIN)/mypy
 
 test: lint

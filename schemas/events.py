@@ -66,7 +66,9 @@ EpochMs = Annotated[
 # line-based exports); ':' and spaces are fine because ids only ever end a Redis key.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Money = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Label = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 
 
 class _Event(BaseModel):

@@ -10,8 +10,12 @@ import redis
 from schemas.records import RedisKeys, SegmentRecord, UserSegment
 
 
-def _text(raw: Mapping[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
+def _str(value: bytes | str | float) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in raw.items()}
 
 
 class SegmentReader:
@@ -27,8 +31,10 @@ class SegmentReader:
 
     def segments(self) -> dict[str, SegmentRecord]:
         """Every live segment by id, ordered by id number."""
-        ids = sorted((i.decode() for i in self._redis.smembers(self._keys.segments)),
-                     key=lambda s: (len(s), s))
+        ids = sorted(
+            (_str(i) for i in self._redis.smembers(self._keys.segments)),
+            key=lambda s: (len(s), s),
+        )
         pipe = self._redis.pipeline(transaction=False)
         for segment_id in ids:
             pipe.hgetall(self._keys.segment(segment_id))
@@ -45,4 +51,4 @@ class SegmentReader:
     def members(self, segment_id: str, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
         """One page of a segment's users: (next cursor, user ids); cursor 0 ends."""
         next_cursor, page = self._redis.zscan(self._keys.members(segment_id), cursor, count=count)
-        return int(next_cursor), [member.decode() for member, _ in page]
+        return int(next_cursor), [_str(member) for member, _ in page]

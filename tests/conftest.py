@@ -43,7 +43,9 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(
-    request: pytest.FixtureRequest, broker: EmbeddedBroker, redis_server: EmbeddedRedis,
+    request: pytest.FixtureRequest,
+    broker: EmbeddedBroker,
+    redis_server: EmbeddedRedis,
     redis_client: redis.Redis,
 ) -> Settings:
     """Settings for this test: its own topics and group, short timeouts, small warm-up."""

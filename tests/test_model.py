@@ -67,7 +67,7 @@ def test_checkpoint_round_trip_assigns_identically(model_and_profiles) -> None: 
 def test_incompatible_checkpoint_is_refused(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
     model, _ = model_and_profiles
     state = model.to_state()
-    with pytest.raises(ValueError, match="model.n_clusters"):
+    with pytest.raises(ValueError, match=r"model\.n_clusters"):
         SegmentModel.from_state(ModelSettings(n_clusters=4), state)
     with pytest.raises(ValueError, match="format"):
         SegmentModel.from_state(SETTINGS, {**state, "format": 99})
@@ -93,10 +93,18 @@ def test_segments_separate_buyers_from_non_buyers(model_and_profiles) -> None:  
 
 def test_describe_names_from_the_centroid() -> None:
     population = dict.fromkeys(FEATURES, 0.0)
-    big = {**population, "orders": math.log1p(4), "spend": math.log1p(900), "aov": math.log1p(220),
-           "purchase_recency_days": 2.0, "sessions": math.log1p(6), "price_level": math.log1p(150)}
-    name, description = describe(big, {**population, "spend": 2.0, "orders": 1.5,
-                                       "purchase_recency_days": -1.0})
+    big = {
+        **population,
+        "orders": math.log1p(4),
+        "spend": math.log1p(900),
+        "aov": math.log1p(220),
+        "purchase_recency_days": 2.0,
+        "sessions": math.log1p(6),
+        "price_level": math.log1p(150),
+    }
+    name, description = describe(
+        big, {**population, "spend": 2.0, "orders": 1.5, "purchase_recency_days": -1.0}
+    )
     assert name.startswith("big spenders")
     assert "frequent buyers" in name
     assert "$220" in description

@@ -9,9 +9,8 @@ from collections import Counter
 import orjson
 import pytest
 import redis
-from kafka import KafkaConsumer, TopicPartition
-
 from conftest import wait_for
+from kafka import KafkaConsumer, TopicPartition
 
 from config.settings import Settings
 from schemas.reader import SegmentReader
@@ -25,12 +24,30 @@ pytestmark = pytest.mark.integration
 BAD_RECORDS: list[tuple[bytes | None, bytes, str]] = [
     (b"u-1", b"this is not json", "not_json"),
     (b"u-1", b'{"event_type": "page_view", "user_id": "u-1"}', "invalid"),
-    (b"u-2", b'{"event_id": "x", "event_type": "teleport", "user_id": "u-2", "timestamp": 1}',
-     "unknown_event_type"),
-    (b"u-3", orjson.dumps({"event_id": "x", "event_type": "page_view", "user_id": "u-3",
-                           "timestamp": 17}), "bad_timestamp"),
-    (b"someone-else", orjson.dumps({"event_id": "x", "event_type": "page_view", "user_id": "u-4",
-                                    "timestamp": 1795342874000}), "key_mismatch"),
+    (
+        b"u-2",
+        b'{"event_id": "x", "event_type": "teleport", "user_id": "u-2", "timestamp": 1}',
+        "unknown_event_type",
+    ),
+    (
+        b"u-3",
+        orjson.dumps(
+            {"event_id": "x", "event_type": "page_view", "user_id": "u-3", "timestamp": 17}
+        ),
+        "bad_timestamp",
+    ),
+    (
+        b"someone-else",
+        orjson.dumps(
+            {
+                "event_id": "x",
+                "event_type": "page_view",
+                "user_id": "u-4",
+                "timestamp": 1795342874000,
+            }
+        ),
+        "key_mismatch",
+    ),
     (b"u-5", b"[" * 70_000, "too_large"),
 ]
 
@@ -46,9 +63,13 @@ def produce_raw(settings: Settings, records: list[tuple[bytes | None, bytes, str
 
 
 def read_topic(settings: Settings, topic: str, expected: int) -> list:  # type: ignore[type-arg]
-    consumer = KafkaConsumer(topic, **kafka_client_config(settings.kafka),
-                             auto_offset_reset="earliest", consumer_timeout_ms=5000,
-                             enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        topic,
+        **kafka_client_config(settings.kafka),
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        enable_auto_commit=False,
+    )
     messages = []
     for message in consumer:
         messages.append(message)
@@ -59,10 +80,16 @@ def read_topic(settings: Settings, topic: str, expected: int) -> list:  # type: 
 
 
 def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
-    consumer = KafkaConsumer(**kafka_client_config(settings.kafka),
-                             group_id=settings.kafka.group_id, enable_auto_commit=False)
-    partitions = [TopicPartition(t, p) for t in settings.kafka.input_topics
-                  for p in consumer.partitions_for_topic(t) or ()]
+    consumer = KafkaConsumer(
+        **kafka_client_config(settings.kafka),
+        group_id=settings.kafka.group_id,
+        enable_auto_commit=False,
+    )
+    partitions = [
+        TopicPartition(t, p)
+        for t in settings.kafka.input_topics
+        for p in consumer.partitions_for_topic(t) or ()
+    ]
     committed = {tp: consumer.committed(tp) or 0 for tp in partitions}
     consumer.close()
     return committed
@@ -100,8 +127,9 @@ def test_every_user_gets_a_segment_bad_input_goes_to_the_dlq_offsets_are_committ
     # /metrics, scraped over HTTP while the worker runs, counts what happened
     def all_counted() -> bool:
         _, text = scrape(port)
-        return (metric_sum(text, "segmentation_events_total") == len(shop.events)
-                and metric_sum(text, "segmentation_events_invalid_total") == len(BAD_RECORDS))
+        return metric_sum(text, "segmentation_events_total") == len(shop.events) and metric_sum(
+            text, "segmentation_events_invalid_total"
+        ) == len(BAD_RECORDS)
 
     wait_for(all_counted, timeout=90, what="every record to be counted on /metrics")
     status, text = scrape(port)
@@ -113,7 +141,8 @@ def test_every_user_gets_a_segment_bad_input_goes_to_the_dlq_offsets_are_committ
     assert metric_sum(text, "segmentation_segment_users") == len(shop.truth)
     assert metric_sum(text, "segmentation_model_version") == 1
     assert metric_sum(text, "segmentation_event_to_segment_latency_seconds_count") == (
-        len(shop.events) + len(BAD_RECORDS))
+        len(shop.events) + len(BAD_RECORDS)
+    )
     assert metric_sum(text, "segmentation_segment_changes_total") >= len(shop.truth)
     assert metric_sum(text, "segmentation_profiles_active") == len(shop.truth)
     assert scrape(port, "/readyz")[0] == 200
@@ -142,9 +171,10 @@ def test_every_user_gets_a_segment_bad_input_goes_to_the_dlq_offsets_are_committ
     # the bad records are in the DLQ with reason, source position and original bytes
     dead = read_topic(settings, settings.kafka.dlq_topic, len(BAD_RECORDS))
     assert len(dead) == len(BAD_RECORDS)
-    by_value = {m.value: dict(m.headers) for m in dead}
+    by_value = {m.value: m for m in dead}
     for key, value, reason in BAD_RECORDS:
-        headers = by_value[value]
+        assert by_value[value].key == key  # original key and bytes, untouched
+        headers = dict(by_value[value].headers)
         assert headers["dlq.reason"].decode() == reason
         assert headers["dlq.topic"].decode() == settings.kafka.clickstream_topic
         assert int(headers["dlq.offset"]) >= 0 and headers["dlq.detail"]
@@ -169,16 +199,26 @@ def test_replay_applies_nothing_twice(
     profiles = {u: redis_client.get(keys.profile(u)) for u in shop.truth}
 
     # 1. A new group (no committed offsets): Redis's partition offsets say all is applied.
-    fresh_group = settings.model_copy(update={"kafka": settings.kafka.model_copy(
-        update={"group_id": settings.kafka.group_id + "-again"})})
+    fresh_group = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"group_id": settings.kafka.group_id + "-again"}
+            )
+        }
+    )
     again = start_worker(fresh_group)
     again.join()
     assert again.worker.metrics.events.collect()[0].samples == []  # nothing applied
 
     # 2. Also lose the partition offsets: every event is re-read, each user's fence skips it.
     redis_client.delete(keys.offsets)
-    third_group = settings.model_copy(update={"kafka": settings.kafka.model_copy(
-        update={"group_id": settings.kafka.group_id + "-third"})})
+    third_group = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"group_id": settings.kafka.group_id + "-third"}
+            )
+        }
+    )
     third = start_worker(third_group)
     third.join()
     skipped = third.worker.metrics.skipped.collect()[0].samples[0].value
@@ -198,8 +238,17 @@ def test_user_deleted_removes_everything_about_the_user(
     segment = reader.get(victim).segment  # type: ignore[union-attr]
     size_before = reader.segments()[segment].size
 
-    produce([{"event_id": "del-1", "event_type": "user_deleted", "user_id": victim,
-              "timestamp": 1795342874000}], settings)
+    produce(
+        [
+            {
+                "event_id": "del-1",
+                "event_type": "user_deleted",
+                "user_id": victim,
+                "timestamp": 1795342874000,
+            }
+        ],
+        settings,
+    )
     start_worker(settings).join()
 
     assert reader.get(victim) is None
@@ -220,8 +269,10 @@ def test_segment_changes_are_published(
     running = start_worker(settings)
     running.join()
     published = running.worker.metrics.segment_changes.collect()[0].samples[0].value
-    changes = [orjson.loads(m.value) for m in
-               read_topic(settings, settings.kafka.changes_topic, int(published))]
+    changes = [
+        orjson.loads(m.value)
+        for m in read_topic(settings, settings.kafka.changes_topic, int(published))
+    ]
     assert len(changes) == published
     first = {}
     for change in changes:

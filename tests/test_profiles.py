@@ -16,15 +16,28 @@ T0 = 1_790_000_000_000
 SETTINGS = ProfileSettings(half_life_days=7, session_gap_minutes=30)
 
 
-def click(ts: int, kind: str = "product_view", session: str | None = "s1", **kw: object) -> ClickEvent:
-    return ClickEvent(event_id=f"e{ts}", event_type=kind, user_id="u", timestamp=ts,  # type: ignore[arg-type]
-                      session_id=session, **kw)
+def click(
+    ts: int, kind: str = "product_view", session: str | None = "s1", **kw: object
+) -> ClickEvent:
+    return ClickEvent(
+        event_id=f"e{ts}",
+        event_type=kind,
+        user_id="u",
+        timestamp=ts,  # type: ignore[arg-type]
+        session_id=session,
+        **kw,
+    )
 
 
 def purchase(ts: int, total: float, category: str = "audio") -> PurchaseEvent:
     return PurchaseEvent(
-        event_id=f"o{ts}", event_type="purchase", user_id="u", order_id=f"o{ts}", timestamp=ts,
-        total=total, items=[PurchaseItem(product_id="p", category=category, unit_price=total)],
+        event_id=f"o{ts}",
+        event_type="purchase",
+        user_id="u",
+        order_id=f"o{ts}",
+        timestamp=ts,
+        total=total,
+        items=[PurchaseItem(product_id="p", category=category, unit_price=total)],
     )
 
 
@@ -67,16 +80,28 @@ def test_replay_gives_identical_profiles() -> None:
 
 
 def test_sessions_by_id_or_by_gap() -> None:
-    assert fold([click(T0, session="a"), click(T0 + 1000, session="a"),
-                 click(T0 + 2000, session="b")]).sessions == pytest.approx(2.0, abs=1e-4)
+    assert fold(
+        [click(T0, session="a"), click(T0 + 1000, session="a"), click(T0 + 2000, session="b")]
+    ).sessions == pytest.approx(2.0, abs=1e-4)
     gap = 31 * 60_000
-    assert fold([click(T0, session=None), click(T0 + 60_000, session=None),
-                 click(T0 + 60_000 + gap, session=None)]).sessions == pytest.approx(2.0, abs=0.01)
+    assert fold(
+        [
+            click(T0, session=None),
+            click(T0 + 60_000, session=None),
+            click(T0 + 60_000 + gap, session=None),
+        ]
+    ).sessions == pytest.approx(2.0, abs=0.01)
 
 
 def test_orders_money_and_recency() -> None:
-    profile = fold([purchase(T0, 100.0), click(T0 + DAY_MS), purchase(T0 + 2 * DAY_MS, 50.0),
-                    click(T0 + 5 * DAY_MS)])
+    profile = fold(
+        [
+            purchase(T0, 100.0),
+            click(T0 + DAY_MS),
+            purchase(T0 + 2 * DAY_MS, 50.0),
+            click(T0 + 5 * DAY_MS),
+        ]
+    )
     assert profile.orders == 2
     assert profile.monetary == 150.0
     assert profile.aov == 75.0

@@ -30,10 +30,14 @@ def test_yaml_overrides_defaults_and_env_overrides_yaml(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "worker.yaml"
-    config.write_text(yaml.safe_dump({
-        "kafka": {"bootstrap_servers": "yaml:9092", "group_id": "from-yaml"},
-        "model": {"n_clusters": 8},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap_servers": "yaml:9092", "group_id": "from-yaml"},
+                "model": {"n_clusters": 8},
+            }
+        )
+    )
     monkeypatch.setenv("SEGMENT_KAFKA_BOOTSTRAP_SERVERS", "env:9092")
     monkeypatch.setenv("SEGMENT_REDIS_URL", "redis://env:6379/1")
     s = load_settings(config)
@@ -51,13 +55,16 @@ def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert load_settings().profile.cache_size == 1234
 
 
-@pytest.mark.parametrize(("env", "value", "named"), [
-    ("SEGMENT_MODEL_N_CLUSTERS", "1", "model.n_clusters (SEGMENT_MODEL_N_CLUSTERS)"),
-    ("SEGMENT_KAFKA_BOOTSTRAP_SERVERS", "no-port", "kafka.bootstrap_servers"),
-    ("SEGMENT_REDIS_URL", "http://x", "redis.url"),
-    ("SEGMENT_METRICS_PORT", "99999", "metrics.port"),
-    ("SEGMENT_PROFILE_HALF_LIFE_DAYS", "-3", "profile.half_life_days"),
-])
+@pytest.mark.parametrize(
+    ("env", "value", "named"),
+    [
+        ("SEGMENT_MODEL_N_CLUSTERS", "1", "model.n_clusters (SEGMENT_MODEL_N_CLUSTERS)"),
+        ("SEGMENT_KAFKA_BOOTSTRAP_SERVERS", "no-port", "kafka.bootstrap_servers"),
+        ("SEGMENT_REDIS_URL", "http://x", "redis.url"),
+        ("SEGMENT_METRICS_PORT", "99999", "metrics.port"),
+        ("SEGMENT_PROFILE_HALF_LIFE_DAYS", "-3", "profile.half_life_days"),
+    ],
+)
 def test_bad_env_setting_is_named(
     monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str
 ) -> None:

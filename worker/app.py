@@ -97,7 +97,9 @@ class Worker:
                     last_event = time.monotonic()
                 if records:
                     self.process(records)
-                elif stop_after_idle is not None and time.monotonic() - last_event > stop_after_idle:
+                elif (
+                    stop_after_idle is not None and time.monotonic() - last_event > stop_after_idle
+                ):
                     log.info("no new event for %.0fs; stopping", stop_after_idle)
                     break
                 self._housekeeping()
@@ -133,8 +135,10 @@ class Worker:
     def _restore_model(self) -> None:
         blob = self.store.load_model()
         if blob is None:
-            log.info("no model checkpoint in Redis; a new model warms up on the first %d users",
-                     self.settings.model.warmup_users)
+            log.info(
+                "no model checkpoint in Redis; a new model warms up on the first %d users",
+                self.settings.model.warmup_users,
+            )
             return
         try:
             self.model = SegmentModel.from_state(self.settings.model, orjson.loads(blob))
@@ -142,8 +146,11 @@ class Worker:
             log.error("model checkpoint unusable (%s); starting a fresh model", exc)
             return
         self.metrics.model_version.set(self.model.version)
-        log.info("restored model v%d with segments %s", self.model.version,
-                 ", ".join(s.id for s in self.model.segments.values()))
+        log.info(
+            "restored model v%d with segments %s",
+            self.model.version,
+            ", ".join(s.id for s in self.model.segments.values()),
+        )
 
     def _forget_partitions(self, partitions: set[tuple[str, int]]) -> None:
         dropped = self.cache.drop_partitions(partitions)
@@ -198,7 +205,9 @@ class Worker:
         batch.profiles[profile.user_id] = profile
         self.metrics.events.labels(item.position.topic, event.event_type).inc()
         x = self.features(profile)
-        for user_id, assignment in self.model.learn_assign(profile.user_id, x, event.timestamp).items():
+        for user_id, assignment in self.model.learn_assign(
+            profile.user_id, x, event.timestamp
+        ).items():
             self._assign(batch, user_id, assignment)
             if user_id == profile.user_id:
                 self.drift.update(assignment.distance, event.timestamp)
@@ -213,10 +222,15 @@ class Worker:
                 return  # deleted meanwhile
         self.metrics.distance.observe(assignment.distance)
         if profile.segment != assignment.segment:
-            self.outbox.segment_change(SegmentChange(
-                user_id=user_id, from_=profile.segment, to=assignment.segment,
-                model_version=self.model.version, timestamp=profile.last_ts,
-            ))
+            self.outbox.segment_change(
+                SegmentChange(
+                    user_id=user_id,
+                    from_=profile.segment,
+                    to=assignment.segment,
+                    model_version=self.model.version,
+                    timestamp=profile.last_ts,
+                )
+            )
             self.metrics.segment_changes.inc()
             if profile.segment is not None:
                 batch.moved_from.setdefault(user_id, profile.segment)
@@ -238,10 +252,15 @@ class Worker:
         segment = profile.segment if profile else None
         batch.delete(event.user_id, segment)
         if segment is not None:
-            self.outbox.segment_change(SegmentChange(
-                user_id=event.user_id, from_=segment, to=None,
-                model_version=self.model.version, timestamp=event.timestamp,
-            ))
+            self.outbox.segment_change(
+                SegmentChange(
+                    user_id=event.user_id,
+                    from_=segment,
+                    to=None,
+                    model_version=self.model.version,
+                    timestamp=event.timestamp,
+                )
+            )
         self.metrics.users_deleted.inc()
         self.metrics.events.labels(topic, event.event_type).inc()
 
@@ -249,7 +268,8 @@ class Worker:
         if not self.model.ready:
             return []
         return [
-            SegmentSnapshot(seg.id, seg.name, seg.description, self.model.centroid(index),
-                            seg.created_at)
+            SegmentSnapshot(
+                seg.id, seg.name, seg.description, self.model.centroid(index), seg.created_at
+            )
             for index, seg in self.model.segments.items()
         ]

@@ -30,7 +30,9 @@ console = Console()
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML settings file (also SEGMENT_CONFIG).", dir_okay=False),
+    typer.Option(
+        "--config", "-c", help="YAML settings file (also SEGMENT_CONFIG).", dir_okay=False
+    ),
 ]
 
 
@@ -54,7 +56,9 @@ def run(
     config: ConfigOption = None,
     stop_after_idle: Annotated[
         float | None,
-        typer.Option(help="Exit 0 once no event arrived for this many seconds and all is committed."),
+        typer.Option(
+            help="Exit 0 once no event arrived for this many seconds and all is committed."
+        ),
     ] = None,
 ) -> None:
     """Run the worker: join the consumer group and serve until SIGTERM."""
@@ -83,7 +87,9 @@ def _force_exit(settings: Settings) -> None:
 
     logging.getLogger(__name__).error(
         "shutdown took longer than worker.shutdown_grace_s=%.0fs; exiting; uncommitted "
-        "events will be replayed", settings.worker.shutdown_grace_s)
+        "events will be replayed",
+        settings.worker.shutdown_grace_s,
+    )
     os._exit(1)
 
 

@@ -47,7 +47,9 @@ class Decoder:
         if value is None:
             return dead("empty", "record has no value (tombstone)")
         if len(value) > self._max_bytes:
-            return dead("too_large", f"{len(value)} bytes > decode.max_event_bytes {self._max_bytes}")
+            return dead(
+                "too_large", f"{len(value)} bytes > decode.max_event_bytes {self._max_bytes}"
+            )
         try:
             raw = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
@@ -56,7 +58,9 @@ class Decoder:
             return dead("not_object", f"JSON value is a {type(raw).__name__}, not an object")
         event_type = raw.get("event_type")
         if event_type not in ALL_TYPES:
-            return dead("unknown_event_type", f"event_type {event_type!r} is not one of {ALL_TYPES}")
+            return dead(
+                "unknown_event_type", f"event_type {event_type!r} is not one of {ALL_TYPES}"
+            )
         try:
             event = EVENT_ADAPTER.validate_python(raw)
         except ValidationError as exc:
@@ -71,8 +75,7 @@ class Decoder:
 def _is_timestamp_error(exc: ValidationError) -> bool:
     """Only the timestamp is wrong (a present but unusable value, the DLQ's own reason)."""
     return all(
-        error["loc"][1:2] == ("timestamp",) and error["type"] != "missing"
-        for error in exc.errors()
+        error["loc"][1:2] == ("timestamp",) and error["type"] != "missing" for error in exc.errors()
     )
 
 

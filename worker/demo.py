@@ -41,7 +41,9 @@ def topic_for(event: dict[str, object], settings: Settings) -> str:
 
 
 def produce(
-    events: list[dict[str, object]], settings: Settings, rate: float | None = None,
+    events: list[dict[str, object]],
+    settings: Settings,
+    rate: float | None = None,
     stop: threading.Event | None = None,
 ) -> int:
     """Send events keyed by user id, paced to `rate` events/s when given; return how many."""
@@ -53,8 +55,11 @@ def produce(
             if stop is not None and stop.is_set():
                 sent -= 1
                 break
-            producer.send(topic_for(event, settings), key=str(event["user_id"]).encode(),
-                          value=orjson.dumps(event))
+            producer.send(
+                topic_for(event, settings),
+                key=str(event["user_id"]).encode(),
+                value=orjson.dumps(event),
+            )
             if rate and sent % 100 == 0:
                 ahead = sent / rate - (time.monotonic() - started)
                 if ahead > 0 and stop is not None and stop.wait(ahead):
@@ -100,17 +105,24 @@ def segment_table(reader: SegmentReader, title: str) -> Table:
     return table
 
 
-def run_demo(settings: Settings, duration: float, users: int, rate: float, console: Console) -> None:
+def run_demo(
+    settings: Settings, duration: float, users: int, rate: float, console: Console
+) -> None:
     with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
         port = settings.metrics.port
-        settings = settings.model_copy(update={
-            "kafka": settings.kafka.model_copy(update={
-                "bootstrap_servers": broker.bootstrap_servers,
-                "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-            }),
-            "redis": settings.redis.model_copy(update={"url": redis_server.url}),
-            "metrics": settings.metrics.model_copy(update={"port": _port_or_free(port)}),
-        })
+        settings = settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(
+                    update={
+                        "bootstrap_servers": broker.bootstrap_servers,
+                        "session_timeout_ms": 6000,
+                        "heartbeat_interval_ms": 1000,
+                    }
+                ),
+                "redis": settings.redis.model_copy(update={"url": redis_server.url}),
+                "metrics": settings.metrics.model_copy(update={"port": _port_or_free(port)}),
+            }
+        )
         ensure_topics(settings.kafka, partitions=4)
         shop = generate(users, int(rate * duration * 1.5))
         stop = threading.Event()
@@ -124,9 +136,11 @@ def run_demo(settings: Settings, duration: float, users: int, rate: float, conso
             thread.start()
         reader = SegmentReader(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix)
         rates = _Rates()
-        console.print(f"[bold]segment-worker demo[/]: Kafka (Tansu) at {broker.bootstrap_servers}, "
-                      f"Redis at {redis_server.url}, metrics at "
-                      f"http://localhost:{settings.metrics.port}/metrics — Ctrl-C to stop")
+        console.print(
+            f"[bold]segment-worker demo[/]: Kafka (Tansu) at {broker.bootstrap_servers}, "
+            f"Redis at {redis_server.url}, metrics at "
+            f"http://localhost:{settings.metrics.port}/metrics — Ctrl-C to stop"
+        )
         ended = time.monotonic() + duration
         try:
             with Live(console=console, refresh_per_second=2) as live:

@@ -33,6 +33,9 @@ class DriftMonitor:
         if not self._fit.drift_detected:
             return False
         self._metrics.drift.labels("fit").inc()
-        log.info("drift: mean distance to segment centres moved to %.2f (event time %d)",
-                 self._fit.estimation, event_ts)
+        log.info(
+            "drift: mean distance to segment centres moved to %.2f (event time %d)",
+            self._fit.estimation,
+            event_ts,
+        )
         return True

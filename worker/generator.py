@@ -42,26 +42,72 @@ def _mix(**weights: float) -> dict[str, float]:
 
 
 PERSONAS: tuple[Persona, ...] = (
-    Persona("loyal_big_spender", 0.15, 0.9, 10,
-            _mix(page_view=2, product_view=5, search=1, add_to_cart=3, checkout_start=1.5),
-            buy_per_session=0.55, price=160, items_per_order=2.5,
-            categories=("audio", "fashion", "home")),
-    Persona("bargain_hunter", 0.2, 0.8, 14,
-            _mix(page_view=2, product_view=5, search=5, add_to_cart=2, remove_from_cart=1,
-                 checkout_start=0.5),
-            buy_per_session=0.2, price=14, items_per_order=3),
-    Persona("window_shopper", 0.25, 0.6, 9,
-            _mix(page_view=4, product_view=6, search=1, wishlist_add=1.5),
-            buy_per_session=0.0, price=70),
-    Persona("new_visitor", 0.15, 1.0, 4, _mix(page_view=5, product_view=3, search=1),
-            buy_per_session=0.02, price=45, joins_at=0.7),
-    Persona("lapsing_customer", 0.15, 0.35, 7,
-            _mix(page_view=4, product_view=4, search=1, add_to_cart=1),
-            buy_per_session=0.45, price=60, stops_buying_at=0.3),
-    Persona("cart_abandoner", 0.1, 0.7, 10,
-            _mix(page_view=1, product_view=4, add_to_cart=5, remove_from_cart=2,
-                 checkout_start=3),
-            buy_per_session=0.03, price=55),
+    Persona(
+        "loyal_big_spender",
+        0.15,
+        0.9,
+        10,
+        _mix(page_view=2, product_view=5, search=1, add_to_cart=3, checkout_start=1.5),
+        buy_per_session=0.55,
+        price=160,
+        items_per_order=2.5,
+        categories=("audio", "fashion", "home"),
+    ),
+    Persona(
+        "bargain_hunter",
+        0.2,
+        0.8,
+        14,
+        _mix(
+            page_view=2,
+            product_view=5,
+            search=5,
+            add_to_cart=2,
+            remove_from_cart=1,
+            checkout_start=0.5,
+        ),
+        buy_per_session=0.2,
+        price=14,
+        items_per_order=3,
+    ),
+    Persona(
+        "window_shopper",
+        0.25,
+        0.6,
+        9,
+        _mix(page_view=4, product_view=6, search=1, wishlist_add=1.5),
+        buy_per_session=0.0,
+        price=70,
+    ),
+    Persona(
+        "new_visitor",
+        0.15,
+        1.0,
+        4,
+        _mix(page_view=5, product_view=3, search=1),
+        buy_per_session=0.02,
+        price=45,
+        joins_at=0.7,
+    ),
+    Persona(
+        "lapsing_customer",
+        0.15,
+        0.35,
+        7,
+        _mix(page_view=4, product_view=4, search=1, add_to_cart=1),
+        buy_per_session=0.45,
+        price=60,
+        stops_buying_at=0.3,
+    ),
+    Persona(
+        "cart_abandoner",
+        0.1,
+        0.7,
+        10,
+        _mix(page_view=1, product_view=4, add_to_cart=5, remove_from_cart=2, checkout_start=3),
+        buy_per_session=0.03,
+        price=55,
+    ),
 )
 
 
@@ -93,9 +139,7 @@ def generate(users: int, events: int, seed: int = 7) -> Shop:
     timed.sort(key=lambda t: (t[0], t[1]))
     shop = Shop(events=[event for _, _, event in timed[:events]])
     seen = {str(e["user_id"]) for e in shop.events}
-    shop.truth = {
-        f"u-{i}": p.name for i, p in enumerate(personas) if f"u-{i}" in seen
-    }
+    shop.truth = {f"u-{i}": p.name for i, p in enumerate(personas) if f"u-{i}" in seen}
     return shop
 
 
@@ -146,8 +190,11 @@ def _user_events(
             price = round(p.price * math.exp(rng.gauss(0, 0.35)), 2)
             product_id = f"p-{category}-{rng.randint(1, 400)}"
             event: dict[str, object] = {
-                "event_id": f"{user_id}-{counter}", "event_type": kind, "user_id": user_id,
-                "session_id": session_id, "timestamp": _iso(ts),
+                "event_id": f"{user_id}-{counter}",
+                "event_type": kind,
+                "user_id": user_id,
+                "session_id": session_id,
+                "timestamp": _iso(ts),
             }
             if kind != "page_view" and kind != "search":
                 event |= {"product_id": product_id, "category": category, "price": price}
@@ -159,20 +206,32 @@ def _user_events(
             ts += rng.randint(10_000, 120_000)
             counter += 1
             n_items = max(1, _poisson(rng, p.items_per_order))
+            lines = cart[:n_items] or [
+                (
+                    f"p-{favourites[0]}-{rng.randint(1, 400)}",
+                    favourites[0],
+                    round(p.price * math.exp(rng.gauss(0, 0.35)), 2) * n_items,
+                )
+            ]
             items = [
                 {"product_id": pid, "category": cat, "quantity": 1, "unit_price": price}
-                for pid, cat, price in (cart or [])[:n_items]
-            ] or [{
-                "product_id": f"p-{fav}-{rng.randint(1, 400)}", "category": fav, "quantity": n_items,
-                "unit_price": round(p.price * math.exp(rng.gauss(0, 0.35)), 2),
-            } for fav in favourites[:1]]
-            total = round(sum(float(i["unit_price"]) * int(i["quantity"]) for i in items), 2)  # type: ignore[call-overload]
+                for pid, cat, price in lines
+            ]
+            total = round(sum(price for _, _, price in lines), 2)
             order_id = f"o-{user_id}-{counter}"
-            yield ts, {
-                "event_id": order_id, "event_type": "purchase", "user_id": user_id,
-                "order_id": order_id, "timestamp": ts, "currency": "USD", "total": total,
-                "items": items,
-            }
+            yield (
+                ts,
+                {
+                    "event_id": order_id,
+                    "event_type": "purchase",
+                    "user_id": user_id,
+                    "order_id": order_id,
+                    "timestamp": ts,
+                    "currency": "USD",
+                    "total": total,
+                    "items": items,
+                },
+            )
 
 
 def _poisson(rng: random.Random, lam: float) -> int:

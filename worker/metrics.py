@@ -17,12 +17,16 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.events = Counter(
-            "segmentation_events", "Valid events applied to profiles.",
-            ["topic", "event_type"], registry=r,
+            "segmentation_events",
+            "Valid events applied to profiles.",
+            ["topic", "event_type"],
+            registry=r,
         )
         self.invalid = Counter(
-            "segmentation_events_invalid", "Records sent to the DLQ, by reason.",
-            ["reason"], registry=r,
+            "segmentation_events_invalid",
+            "Records sent to the DLQ, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.skipped = Counter(
             "segmentation_events_skipped",
@@ -33,28 +37,37 @@ class Metrics:
         self.latency = Histogram(
             "segmentation_event_to_segment_latency_seconds",
             "From the event being consumed to its segment being written to Redis.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.distance = Histogram(
             "segmentation_assignment_distance",
             "Distance (standardized units) from a user's profile to their segment's centre.",
-            buckets=DISTANCE_BUCKETS, registry=r,
+            buckets=DISTANCE_BUCKETS,
+            registry=r,
         )
         self.lag = Gauge(
-            "segmentation_consumer_lag", "Records behind the partition's high watermark.",
-            ["topic", "partition"], registry=r,
+            "segmentation_consumer_lag",
+            "Records behind the partition's high watermark.",
+            ["topic", "partition"],
+            registry=r,
         )
         self.segment_users = Gauge(
-            "segmentation_segment_users", "Users currently in each segment.",
-            ["segment"], registry=r,
+            "segmentation_segment_users",
+            "Users currently in each segment.",
+            ["segment"],
+            registry=r,
         )
         self.segment_changes = Counter(
-            "segmentation_segment_changes", "Users whose segment changed (first one included).",
+            "segmentation_segment_changes",
+            "Users whose segment changed (first one included).",
             registry=r,
         )
         self.drift = Counter(
-            "segmentation_drift_detected", "Drift detections, by detector.",
-            ["detector"], registry=r,
+            "segmentation_drift_detected",
+            "Drift detections, by detector.",
+            ["detector"],
+            registry=r,
         )
         self.model_version = Gauge(
             "segmentation_model_version", "Version of the segment model in use.", registry=r
@@ -66,20 +79,27 @@ class Metrics:
             "segmentation_users_deleted", "Users removed by user_deleted events.", registry=r
         )
         self.assigned_partitions = Gauge(
-            "segmentation_assigned_partitions", "Input partitions assigned to this worker.",
+            "segmentation_assigned_partitions",
+            "Input partitions assigned to this worker.",
             registry=r,
         )
         self.redis_errors = Counter(
-            "segmentation_redis_errors", "Failed Redis operations (each is retried).",
-            ["operation"], registry=r,
+            "segmentation_redis_errors",
+            "Failed Redis operations (each is retried).",
+            ["operation"],
+            registry=r,
         )
         self.kafka_errors = Counter(
-            "segmentation_kafka_errors", "Failed Kafka operations (each is retried).",
-            ["operation"], registry=r,
+            "segmentation_kafka_errors",
+            "Failed Kafka operations (each is retried).",
+            ["operation"],
+            registry=r,
         )
         self.batch_seconds = Histogram(
-            "segmentation_batch_seconds", "Wall time to process, write and commit one poll batch.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "segmentation_batch_seconds",
+            "Wall time to process, write and commit one poll batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.checkpoints = Counter(
             "segmentation_model_checkpoints", "Model checkpoints written to Redis.", registry=r

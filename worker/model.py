@@ -104,7 +104,10 @@ class SegmentModel:
 
     def _seed(self, event_ts: int) -> None:
         points = np.array(
-            [[z[name] for name in FEATURES] for z in map(self.scaler.transform_one, self._warmup.values())]
+            [
+                [z[name] for name in FEATURES]
+                for z in map(self.scaler.transform_one, self._warmup.values())
+            ]
         )
         batch = BatchKMeans(
             n_clusters=self._settings.n_clusters,
@@ -158,7 +161,9 @@ class SegmentModel:
     def from_state(cls, settings: ModelSettings, state: dict[str, Any]) -> SegmentModel:
         """Rebuild a model from `to_state()`; ValueError when it does not fit the settings."""
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+            raise ValueError(
+                f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}"
+            )
         if state.get("features") != list(FEATURES):
             raise ValueError("checkpoint was made with a different feature set")
         if state.get("n_clusters") != settings.n_clusters:
@@ -196,7 +201,11 @@ def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]
         (bought and z["spend"] > 0.6, "big spenders", z["spend"]),
         (bought and z["orders"] > 0.6, "frequent buyers", z["orders"]),
         (bought and z["purchase_recency_days"] > 0.6, "lapsing", z["purchase_recency_days"]),
-        (bought and z["purchase_recency_days"] < -0.6, "recent buyers", -z["purchase_recency_days"]),
+        (
+            bought and z["purchase_recency_days"] < -0.6,
+            "recent buyers",
+            -z["purchase_recency_days"],
+        ),
         (z["price_level"] < -0.6, "bargain hunters", -z["price_level"]),
         (z["price_level"] > 0.6, "premium taste", z["price_level"]),
         (z["search_share"] > 0.6, "searchers", z["search_share"]),

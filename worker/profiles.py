@@ -76,7 +76,7 @@ class Profile:
         return orjson.dumps(asdict(self))
 
     @classmethod
-    def decode(cls, blob: bytes) -> Profile:
+    def decode(cls, blob: bytes | str) -> Profile:
         return cls(**orjson.loads(blob))
 
 
@@ -88,7 +88,9 @@ class ProfileUpdater:
         self._session_gap_ms = settings.session_gap_minutes * MINUTE_MS
         self._top_categories = settings.top_categories
 
-    def apply(self, profile: Profile, event: ClickEvent | PurchaseEvent, position: Position) -> None:
+    def apply(
+        self, profile: Profile, event: ClickEvent | PurchaseEvent, position: Position
+    ) -> None:
         previous_ts = profile.last_ts
         weight = self._advance_clock(profile, event)
         if self._starts_session(profile, event, previous_ts):

@@ -47,8 +47,14 @@ class Backoff:
                 attempt += 1
                 on_error(exc)
                 wait = random.uniform(delay / 2, delay)
-                log.warning("%s failed (%s: %s); retry %d in %.1fs",
-                            what, type(exc).__name__, exc, attempt, wait)
+                log.warning(
+                    "%s failed (%s: %s); retry %d in %.1fs",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    wait,
+                )
                 if self._stop.wait(wait):
                     raise Stopped(what) from exc
                 delay = min(delay * 2, self._max)

@@ -106,9 +106,12 @@ class RedisStore:
     def load_profiles(self, user_ids: list[str]) -> dict[str, Profile]:
         if not user_ids:
             return {}
-        blobs = self._call("load_profiles", lambda: self._redis.mget(
-            [self._keys.profile(uid) for uid in user_ids]))
-        return {uid: Profile.decode(blob) for uid, blob in zip(user_ids, blobs, strict=True) if blob}
+        blobs = self._call(
+            "load_profiles", lambda: self._redis.mget([self._keys.profile(uid) for uid in user_ids])
+        )
+        return {
+            uid: Profile.decode(blob) for uid, blob in zip(user_ids, blobs, strict=True) if blob
+        }
 
     def applied_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         if not partitions:
@@ -134,31 +137,39 @@ class RedisStore:
             for user_id, old in batch.moved_from.items():
                 pipe.zrem(keys.members(old), user_id)
             for user_id, seg in batch.segments.items():
-                pipe.hset(keys.user(user_id), mapping=seg.model_dump())
+                fields: dict[str, str | int | float] = seg.model_dump()
+                pipe.hset(keys.user(user_id), mapping=fields)  # type: ignore[arg-type]
                 pipe.expire(keys.user(user_id), ttl)
                 pipe.zadd(keys.members(seg.segment), {user_id: now_ms})
             for user_id, profile in batch.profiles.items():
                 pipe.set(keys.profile(user_id), profile.encode(), ex=ttl)
             for snap in segments:
-                pipe.hset(keys.segment(snap.id), mapping={
-                    "name": snap.name,
-                    "description": snap.description,
-                    "centroid": orjson.dumps(snap.centroid),
-                    "created_at": snap.created_at,
-                    "model_version": model_version,
-                })
+                pipe.hset(
+                    keys.segment(snap.id),
+                    mapping={
+                        "name": snap.name,
+                        "description": snap.description,
+                        "centroid": orjson.dumps(snap.centroid),
+                        "created_at": snap.created_at,
+                        "model_version": model_version,
+                    },
+                )
             if segments:
                 pipe.sadd(keys.segments, *(snap.id for snap in segments))
             if batch.offsets:
-                pipe.hset(keys.offsets, mapping={
-                    f"{topic}:{partition}": offset
-                    for (topic, partition), offset in batch.offsets.items()
-                })
+                pipe.hset(
+                    keys.offsets,
+                    mapping={
+                        f"{topic}:{partition}": offset
+                        for (topic, partition), offset in batch.offsets.items()
+                    },
+                )
             for snap in segments:
                 pipe.zcard(keys.members(snap.id))
             results = pipe.execute()
-            sizes = dict(zip((s.id for s in segments), results[len(results) - len(segments):],
-                             strict=True))
+            sizes = dict(
+                zip((s.id for s in segments), results[len(results) - len(segments) :], strict=True)
+            )
             if sizes:
                 size_pipe = self._redis.pipeline(transaction=False)
                 for segment_id, size in sizes.items():
@@ -185,7 +196,7 @@ class RedisStore:
 
     def load_model(self) -> bytes | None:
         blob = self._call("load_model", lambda: self._redis.get(self._keys.model))
-        return bytes(blob) if blob is not None else None
+        return blob.encode() if isinstance(blob, str) else blob
 
 
 class KafkaOutbox:
@@ -210,12 +221,14 @@ class KafkaOutbox:
         self._pending.append((self._settings.dlq_topic, letter.key, letter.value, headers))
 
     def segment_change(self, change: SegmentChange) -> None:
-        self._pending.append((
-            self._settings.changes_topic,
-            change.user_id.encode(),
-            orjson.dumps(change.model_dump(by_alias=True)),
-            [],
-        ))
+        self._pending.append(
+            (
+                self._settings.changes_topic,
+                change.user_id.encode(),
+                orjson.dumps(change.model_dump(by_alias=True)),
+                [],
+            )
+        )
 
     def flush(self) -> None:
         if not self._pending:
@@ -232,7 +245,9 @@ class KafkaOutbox:
                 future.get(timeout=30)
 
         self._backoff.call(
-            "producing to Kafka", send_all, retry_on=(KafkaError,),
+            "producing to Kafka",
+            send_all,
+            retry_on=(KafkaError,),
             on_error=lambda _: self._metrics.kafka_errors.labels("produce").inc(),
         )
         self._pending.clear()

@@ -121,7 +121,9 @@ class KafkaSource:
         records = []
         for tp, messages in batches.items():
             for m in messages:
-                records.append(Record(Position(tp.topic, tp.partition, m.offset), m.key, m.value, now))
+                records.append(
+                    Record(Position(tp.topic, tp.partition, m.offset), m.key, m.value, now)
+                )
             if messages:
                 self._next[tp] = messages[-1].offset + 1
         return records
@@ -144,7 +146,9 @@ class KafkaSource:
                 log.warning("commit refused after a rebalance (%s); Redis fences the replay", exc)
 
         self._backoff.call(
-            "committing offsets", commit, retry_on=(KafkaError,),
+            "committing offsets",
+            commit,
+            retry_on=(KafkaError,),
             on_error=lambda _: self._metrics.kafka_errors.labels("commit").inc(),
         )
 

@@ -1,0 +1,162 @@
+"""The commands as an operator runs them: separate processes, settings from env vars."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import wait_for
+
+from config.settings import Settings
+from schemas.reader import SegmentReader
+from worker.embedded import EmbeddedRedis, free_port
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "worker"]
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    k = settings.kafka
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SEGMENT_")}
+    return (
+        env
+        | {
+            "SEGMENT_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
+            "SEGMENT_KAFKA_GROUP_ID": k.group_id,
+            "SEGMENT_KAFKA_CLICKSTREAM_TOPIC": k.clickstream_topic,
+            "SEGMENT_KAFKA_PURCHASES_TOPIC": k.purchases_topic,
+            "SEGMENT_KAFKA_DLQ_TOPIC": k.dlq_topic,
+            "SEGMENT_KAFKA_CHANGES_TOPIC": k.changes_topic,
+            "SEGMENT_KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "SEGMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+            "SEGMENT_REDIS_URL": settings.redis.url,
+            "SEGMENT_METRICS_PORT": "0",
+            "SEGMENT_MODEL_WARMUP_USERS": "100",
+            "SEGMENT_WORKER_RETRY_MAX_S": "1",
+        }
+        | extra
+    )
+
+
+def test_generate_to_kafka_then_run_until_idle(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    env = env_for(settings)
+    truth = tmp_path / "truth.csv"
+    generated = subprocess.run(
+        [*CLI, "generate", "--users", "300", "--events", "5000", "--kafka", "--truth", str(truth)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert generated.returncode == 0, generated.stderr
+    users = [line.split(",")[0] for line in truth.read_text().splitlines()[1:]]
+    assert 250 <= len(users) <= 300  # users whose first event falls after the cut never appear
+
+    ran = subprocess.run(
+        [*CLI, "run", "--stop-after-idle", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert "model v1 checkpointed" in ran.stderr
+    reader = SegmentReader(redis_client)
+    assert all(reader.get(user) is not None for user in users)
+
+
+def test_generate_to_file_is_reproducible(tmp_path: Path) -> None:
+    outputs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        out = tmp_path / name
+        subprocess.run(
+            [*CLI, "generate", "--users", "50", "--events", "500", "--out", str(out)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0].splitlines()) == 500
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "named"),
+    [
+        ("SEGMENT_MODEL_N_CLUSTERS", "1", "model.n_clusters"),
+        ("SEGMENT_KAFKA_BOOTSTRAP_SERVERS", "nonsense", "kafka.bootstrap_servers"),
+    ],
+)
+def test_bad_setting_fails_at_start_naming_it(
+    settings: Settings, name: str, value: str, named: str
+) -> None:
+    ran = subprocess.run(
+        [*CLI, "run"],
+        env=env_for(settings, **{name: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 2
+    assert named in ran.stdout + ran.stderr and name in ran.stdout + ran.stderr
+    assert "Traceback" not in ran.stdout + ran.stderr
+
+
+def test_redis_down_at_start_is_retried_not_a_crash(settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    env = env_for(settings, SEGMENT_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        worker = subprocess.Popen(
+            [*CLI, "run", "--stop-after-idle", "2"],
+            env=env,
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+        )
+    try:
+        wait_for(lambda: "Redis ping failed" in log.read_text(), what="a retry message")
+        assert worker.poll() is None  # still running, waiting for Redis
+        with EmbeddedRedis(port=port):
+            assert worker.wait(timeout=120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "Traceback" not in log.read_text()
+
+
+def test_sigterm_drains_and_exits_zero(settings: Settings, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        worker = subprocess.Popen(
+            [*CLI, "run"], env=env_for(settings), stderr=stderr, stdout=subprocess.DEVNULL
+        )
+    wait_for(lambda: "joined consumer group" in log.read_text(), what="the worker to join")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    text = log.read_text()
+    assert "draining" in text and "worker stopped" in text and "Traceback" not in text
+
+
+def test_demo_ends_by_itself_with_a_summary() -> None:
+    started = time.monotonic()
+    ran = subprocess.run(
+        [*CLI, "demo", "--duration", "12", "--users", "400", "--rate", "800"],
+        env={**os.environ, "SEGMENT_METRICS_PORT": "0", "COLUMNS": "120"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "Segments at the end of the demo" in ran.stdout
+    assert "events applied" in ran.stdout
+    assert "Traceback" not in ran.stdout + ran.stderr
+    assert time.monotonic() - started < 120
