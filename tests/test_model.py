@@ -96,14 +96,13 @@ def test_describe_names_from_the_centroid() -> None:
     big = {
         **population,
         "orders": math.log1p(4),
-        "spend": math.log1p(900),
         "aov": math.log1p(220),
         "purchase_recency_days": 2.0,
         "sessions": math.log1p(6),
         "price_level": math.log1p(150),
     }
     name, description = describe(
-        big, {**population, "spend": 2.0, "orders": 1.5, "purchase_recency_days": -1.0}
+        big, {**population, "aov": 2.0, "orders": 1.5, "purchase_recency_days": -1.0}
     )
     assert name.startswith("big spenders")
     assert "frequent buyers" in name

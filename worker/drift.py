@@ -10,6 +10,7 @@ chance explains (delta = false-alarm bound), with no threshold to hand-tune per 
 from __future__ import annotations
 
 import logging
+import time
 
 from river import drift
 
@@ -21,9 +22,13 @@ DETECTORS = ("fit",)
 
 
 class DriftMonitor:
+    LOG_EVERY_S = 60.0
+
     def __init__(self, metrics: Metrics, delta: float = 0.002) -> None:
         self._metrics = metrics
         self._fit = drift.ADWIN(delta=delta)
+        self._unlogged = 0
+        self._logged_at = -self.LOG_EVERY_S
         for detector in DETECTORS:
             metrics.drift.labels(detector)
 
@@ -33,9 +38,14 @@ class DriftMonitor:
         if not self._fit.drift_detected:
             return False
         self._metrics.drift.labels("fit").inc()
-        log.info(
-            "drift: mean distance to segment centres moved to %.2f (event time %d)",
-            self._fit.estimation,
-            event_ts,
-        )
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.LOG_EVERY_S:  # a log line, not a log flood
+            log.info(
+                "drift: %d detection(s); mean distance to segment centres now %.2f (event time %d)",
+                self._unlogged,
+                self._fit.estimation,
+                event_ts,
+            )
+            self._unlogged, self._logged_at = 0, now
         return True

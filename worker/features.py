@@ -14,10 +14,10 @@ from config.settings import ProfileSettings
 from worker.profiles import DAY_MS, Profile
 
 FEATURES: tuple[str, ...] = (
-    "activity",
+    "events_per_session",
     "sessions",
     "orders",
-    "spend",
+    "conversion",
     "aov",
     "view_to_cart",
     "cart_to_purchase",
@@ -47,10 +47,10 @@ class FeatureExtractor:
         else:
             recency = min((profile.last_ts - profile.last_purchase_ts) / DAY_MS, self._recency_cap)
         return {
-            "activity": math.log1p(sum(counts.values())),
+            "events_per_session": math.log1p(sum(counts.values()) / max(profile.sessions, 1.0)),
             "sessions": math.log1p(profile.sessions),
             "orders": math.log1p(purchases),
-            "spend": math.log1p(profile.spend),
+            "conversion": min(purchases / max(profile.sessions, 1.0), 1.0),
             "aov": math.log1p(profile.aov),
             "view_to_cart": min(carts / views, 1.0) if views else 0.0,
             "cart_to_purchase": min(purchases / carts, 1.0) if carts else float(purchases > 0),

@@ -198,7 +198,7 @@ def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]
     bought = orders >= 0.2
     rules: list[tuple[bool, str, float]] = [
         (not bought, "never bought", 3.0),
-        (bought and z["spend"] > 0.6, "big spenders", z["spend"]),
+        (bought and z["aov"] > 0.6, "big spenders", z["aov"]),
         (bought and z["orders"] > 0.6, "frequent buyers", z["orders"]),
         (bought and z["purchase_recency_days"] > 0.6, "lapsing", z["purchase_recency_days"]),
         (
@@ -209,12 +209,12 @@ def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]
         (z["price_level"] < -0.6, "bargain hunters", -z["price_level"]),
         (z["price_level"] > 0.6, "premium taste", z["price_level"]),
         (z["search_share"] > 0.6, "searchers", z["search_share"]),
-        (z["activity"] > 0.6, "highly active", z["activity"]),
-        (z["activity"] < -0.6, "occasional", -z["activity"]),
+        (z["sessions"] > 0.6, "frequent visitors", z["sessions"]),
+        (z["sessions"] < -0.6, "occasional", -z["sessions"]),
         (z["tenure_days"] < -0.6, "new", -z["tenure_days"]),
         (z["view_to_cart"] > 0.6, "cart fillers", z["view_to_cart"]),
         (bought and z["cart_to_purchase"] < -0.6, "cart abandoners", -z["cart_to_purchase"]),
-        (not bought and z["activity"] >= -0.6, "browsers", 2.0),
+        (not bought and z["events_per_session"] >= -0.6, "browsers", 2.0),
     ]
     phrases = [phrase for fired, phrase, score in sorted(rules, key=lambda r: -r[2]) if fired]
     name = ", ".join(phrases[:3]) or "typical shoppers"
