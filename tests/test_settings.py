@@ -88,3 +88,14 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
 def test_default_yaml_is_the_defaults() -> None:
     """config/default.yaml documents every setting with its default value."""
     assert yaml.safe_load(DEFAULT_YAML.read_text()) == Settings().model_dump(mode="json")
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for section, model in Settings():
+        for name, default in model:
+            env = f"SEGMENT_{section.upper()}_{name.upper()}"
+            assert (
+                f"| `{section}.{name}` | `{'' if default is None else default}` | `{env}` |"
+                in readme
+            )
