@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -25,7 +25,7 @@ from pydantic import (
 MIN_TIMESTAMP_MS = 946_684_800_000
 MAX_TIMESTAMP_MS = 4_102_444_800_000
 
-CLICK_TYPES = (
+ClickType = Literal[
     "page_view",
     "product_view",
     "search",
@@ -33,7 +33,8 @@ CLICK_TYPES = (
     "remove_from_cart",
     "wishlist_add",
     "checkout_start",
-)
+]
+CLICK_TYPES: tuple[str, ...] = get_args(ClickType)
 ALL_TYPES = (*CLICK_TYPES, "purchase", "user_deleted")
 
 
@@ -82,15 +83,7 @@ class _Event(BaseModel):
 class ClickEvent(_Event):
     """A clickstream event: browsing, searching, carting."""
 
-    event_type: Literal[
-        "page_view",
-        "product_view",
-        "search",
-        "add_to_cart",
-        "remove_from_cart",
-        "wishlist_add",
-        "checkout_start",
-    ]
+    event_type: ClickType
     session_id: Id | None = None
     product_id: Id | None = None
     category: Label | None = None

@@ -9,14 +9,14 @@ from collections import Counter
 import orjson
 import pytest
 import redis
-from conftest import wait_for
+from conftest import RunningWorker, wait_for
 from kafka import KafkaConsumer, TopicPartition
 
 from config.settings import Settings
 from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
 from worker.demo import produce
-from worker.generator import generate
+from worker.generator import Shop, generate
 from worker.source import ensure_topics, kafka_client_config
 
 pytestmark = pytest.mark.integration
@@ -93,6 +93,24 @@ def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
     committed = {tp: consumer.committed(tp) or 0 for tp in partitions}
     consumer.close()
     return committed
+
+
+def run_shop(
+    settings: Settings, start_worker, users: int, events: int, seed: int, partitions: int
+) -> tuple[Shop, RunningWorker]:  # type: ignore[no-untyped-def]
+    """Produce a generated shop and run a worker over it until idle."""
+    ensure_topics(settings.kafka, partitions=partitions)
+    shop = generate(users=users, events=events, seed=seed)
+    produce(shop.events, settings)
+    running: RunningWorker = start_worker(settings)
+    running.join()
+    return shop, running
+
+
+def in_group(settings: Settings, suffix: str) -> Settings:
+    """The same settings in another consumer group (no committed offsets)."""
+    kafka = settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}-{suffix}"})
+    return settings.model_copy(update={"kafka": kafka})
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
@@ -191,35 +209,18 @@ def test_replay_applies_nothing_twice(
     settings: Settings, redis_client: redis.Redis, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
     """Crash between the Redis write and the Kafka commit, twice over: no double count."""
-    ensure_topics(settings.kafka, partitions=2)
-    shop = generate(users=200, events=3000, seed=22)
-    produce(shop.events, settings)
-    start_worker(settings).join()
+    shop, _ = run_shop(settings, start_worker, 200, 3000, seed=22, partitions=2)
     keys = RedisKeys()
     profiles = {u: redis_client.get(keys.profile(u)) for u in shop.truth}
 
     # 1. A new group (no committed offsets): Redis's partition offsets say all is applied.
-    fresh_group = settings.model_copy(
-        update={
-            "kafka": settings.kafka.model_copy(
-                update={"group_id": settings.kafka.group_id + "-again"}
-            )
-        }
-    )
-    again = start_worker(fresh_group)
+    again = start_worker(in_group(settings, "again"))
     again.join()
     assert again.worker.metrics.events.collect()[0].samples == []  # nothing applied
 
     # 2. Also lose the partition offsets: every event is re-read, each user's fence skips it.
     redis_client.delete(keys.offsets)
-    third_group = settings.model_copy(
-        update={
-            "kafka": settings.kafka.model_copy(
-                update={"group_id": settings.kafka.group_id + "-third"}
-            )
-        }
-    )
-    third = start_worker(third_group)
+    third = start_worker(in_group(settings, "third"))
     third.join()
     skipped = third.worker.metrics.skipped.collect()[0].samples[0].value
     assert skipped == len(shop.events)
@@ -229,10 +230,7 @@ def test_replay_applies_nothing_twice(
 def test_user_deleted_removes_everything_about_the_user(
     settings: Settings, redis_client: redis.Redis, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
-    ensure_topics(settings.kafka, partitions=2)
-    shop = generate(users=150, events=2000, seed=23)
-    produce(shop.events, settings)
-    start_worker(settings).join()
+    shop, _ = run_shop(settings, start_worker, 150, 2000, seed=23, partitions=2)
     reader, keys = SegmentReader(redis_client), RedisKeys()
     victim = sorted(shop.truth)[0]
     segment = reader.get(victim).segment  # type: ignore[union-attr]
@@ -263,11 +261,7 @@ def test_user_deleted_removes_everything_about_the_user(
 def test_segment_changes_are_published(
     settings: Settings, redis_client: redis.Redis, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
-    ensure_topics(settings.kafka, partitions=2)
-    shop = generate(users=150, events=2000, seed=24)
-    produce(shop.events, settings)
-    running = start_worker(settings)
-    running.join()
+    shop, running = run_shop(settings, start_worker, 150, 2000, seed=24, partitions=2)
     published = running.worker.metrics.segment_changes.collect()[0].samples[0].value
     changes = [
         orjson.loads(m.value)
