@@ -113,6 +113,7 @@ class WorkerSettings(_Section):
     retry_max_s: PositiveFloat = 30.0
     shutdown_grace_s: PositiveFloat = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
 
 class Settings(BaseSettings):

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    WithJsonSchema,
 )
 
 # Accepted event time: from 2000-01-01 to 2100-01-01. Outside that range a timestamp is
@@ -61,7 +62,22 @@ def _to_epoch_ms(value: object) -> object:
 
 
 EpochMs = Annotated[
-    int, BeforeValidator(_to_epoch_ms), Field(ge=MIN_TIMESTAMP_MS, lt=MAX_TIMESTAMP_MS)
+    int,
+    Field(ge=MIN_TIMESTAMP_MS, lt=MAX_TIMESTAMP_MS),
+    BeforeValidator(_to_epoch_ms),
+    WithJsonSchema(
+        {
+            "description": "Event time: epoch milliseconds, or ISO-8601 (UTC when no offset)",
+            "anyOf": [
+                {
+                    "type": "integer",
+                    "minimum": MIN_TIMESTAMP_MS,
+                    "exclusiveMaximum": MAX_TIMESTAMP_MS,
+                },
+                {"type": "string", "format": "date-time"},
+            ],
+        }
+    ),
 ]
 # Ids are printable text: no control characters (newlines would corrupt logs and
 # line-based exports); ':' and spaces are fine because ids only ever end a Redis key.

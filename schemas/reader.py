@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import orjson
 import redis
 
-from schemas.records import RedisKeys, SegmentRecord, UserSegment
+from schemas.records import KEY_FORMAT, RedisKeys, SegmentRecord, UserSegment
 
 
 def _str(value: bytes | str | float) -> str:
@@ -18,12 +18,26 @@ def _text(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
     return {_str(k): _str(v) for k, v in raw.items()}
 
 
+class IncompatibleFormat(RuntimeError):
+    """Redis holds segments in a key layout this reader does not know."""
+
+
 class SegmentReader:
-    """`SegmentReader(redis.Redis(...)).get("u-42")` -> the user's segment, or None."""
+    """`SegmentReader(redis.Redis(...)).get("u-42")` -> the user's segment, or None.
+
+    On creation it checks the key-format version the worker wrote (`seg:format`) and
+    raises IncompatibleFormat if it is not the one this reader was built for.
+    """
 
     def __init__(self, client: redis.Redis, prefix: str = "seg") -> None:
         self._redis = client
         self._keys = RedisKeys(prefix)
+        written = client.get(self._keys.format)
+        if written is not None and int(written) != KEY_FORMAT:
+            raise IncompatibleFormat(
+                f"Redis at prefix {prefix!r} uses key format {int(written)}; this reader "
+                f"knows format {KEY_FORMAT}: upgrade the reader"
+            )
 
     def get(self, user_id: str) -> UserSegment | None:
         raw = self._redis.hgetall(self._keys.user(user_id))

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+KEY_FORMAT = 1
+"""Version of the key layout below; bumped on any change readers would notice."""
+
 
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
@@ -42,6 +45,11 @@ class RedisKeys:
     def offsets(self) -> str:
         """Hash `topic:partition` -> last offset applied to Redis (the replay fence)."""
         return f"{self.prefix}:offsets"
+
+    @property
+    def format(self) -> str:
+        """The KEY_FORMAT the writer uses, so readers notice a layout change."""
+        return f"{self.prefix}:format"
 
     @property
     def model(self) -> str:
@@ -83,7 +91,7 @@ class SegmentChange(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
     user_id: str
-    from_: str | None = Field(default=None, alias="from")
+    from_: str | None = Field(alias="from")
     to: str | None
     model_version: int
     timestamp: int

@@ -15,8 +15,8 @@ from kafka import KafkaConsumer, TopicPartition
 from config.settings import Settings
 from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
-from worker.demo import produce
 from worker.generator import Shop, generate
+from worker.replay import produce
 from worker.source import ensure_topics, kafka_client_config
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import redis
 from config.settings import Settings
 from schemas.events import UserDeleted
 from schemas.records import SegmentChange, UserSegment
-from worker.decode import DeadLetter, Decoded, Decoder
+from worker.decode import REASONS, DeadLetter, Decoded, Decoder
 from worker.drift import DriftMonitor
 from worker.features import FeatureExtractor
 from worker.health import HealthServer
@@ -62,6 +62,10 @@ class Worker:
             settings.kafka, metrics, backoff, self.store.applied_offsets, self._forget_partitions
         )
         self.decode = Decoder(settings.decode.max_event_bytes)
+        for reason in REASONS:  # every reason exported at 0 from the start
+            metrics.invalid.labels(reason)
+        for operation in ("connect", "poll", "commit", "produce"):
+            metrics.kafka_errors.labels(operation)
         self.updater = ProfileUpdater(settings.profile)
         self.features = FeatureExtractor(settings.profile)
         self.cache = ProfileCache(settings.profile.cache_size)

@@ -14,6 +14,7 @@ from typing import Annotated
 import orjson
 import redis
 import typer
+from pythonjsonlogger.json import JsonFormatter
 from rich.console import Console
 from rich.table import Table
 
@@ -36,17 +37,32 @@ ConfigOption = Annotated[
 ]
 
 
-def _settings(config: Path | None) -> Settings:
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format", help="text or json (also SEGMENT_WORKER_LOG_FORMAT).", show_default=False
+    ),
+]
+
+
+def _settings(config: Path | None, log_format: str | None = None) -> Settings:
+    overrides = {"worker": {"log_format": log_format}} if log_format else {}
     try:
-        settings = load_settings(config)
+        settings = load_settings(config, **overrides)
     except SettingsError as exc:
         console.print(f"[red]configuration error[/]\n{exc}")
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.worker.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.worker.log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.worker.log_level, handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.ERROR)
     return settings
 
@@ -54,6 +70,7 @@ def _settings(config: Path | None) -> Settings:
 @app.command()
 def run(
     config: ConfigOption = None,
+    log_format: LogFormatOption = None,
     stop_after_idle: Annotated[
         float | None,
         typer.Option(
@@ -64,7 +81,7 @@ def run(
     """Run the worker: join the consumer group and serve until SIGTERM."""
     from worker.app import Worker
 
-    settings = _settings(config)
+    settings = _settings(config, log_format)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -105,8 +122,8 @@ def generate(
     config: ConfigOption = None,
 ) -> None:
     """Generate a synthetic shop's events (5+ personas), to a file or to Kafka."""
-    from worker.demo import produce
     from worker.generator import generate as generate_shop
+    from worker.replay import produce
     from worker.source import ensure_topics
 
     if not (out or kafka):
@@ -171,3 +188,68 @@ def inspect(user_id: str, config: ConfigOption = None) -> None:
 
 def _reader(settings: Settings) -> SegmentReader:
     return SegmentReader(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix)
+
+
+@app.command()
+def replay(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help=".jsonl or .csv, or .gz")
+    ],
+    topic: Annotated[str, typer.Option(help="Topic to send every valid row to.")],
+    rate: Annotated[
+        float | None, typer.Option(min=1, help="Events per second (default: max).")
+    ] = None,
+    map_: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="CSV column=event field, repeatable (e.g. --map ts=timestamp)."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Backfill a file of events into Kafka, validating every row first."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from worker.replay import parse_mapping, produce, rows
+
+    settings = _settings(config)
+    try:
+        mapping = parse_mapping(map_ or [])
+        parsed = list(rows(file, mapping))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    valid = [row.event for row in parsed if row.event is not None]
+    invalid = [row for row in parsed if row.event is None]
+    for row in invalid[:50]:
+        console.print(f"[yellow]line {row.line}[/]: {row.error}")
+    if len(invalid) > 50:
+        console.print(f"… and {len(invalid) - 50} more invalid rows")
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"replaying to {topic}", total=len(valid))
+        sent = produce(
+            valid,
+            settings,
+            topic=topic,
+            rate=rate,
+            on_sent=lambda n: progress.update(task, completed=n),
+        )
+    console.print(
+        f"replayed {sent:,} of {len(parsed):,} rows from {file} to {topic}; "
+        f"{len(invalid):,} invalid rows not sent"
+    )
+
+
+@app.command("export-schemas")
+def export_schemas(
+    out: Annotated[Path | None, typer.Option(help="Directory (default: schemas/json).")] = None,
+) -> None:
+    """Write the JSON Schema of every event and record, for producers in other languages."""
+    from schemas.jsonschema import SCHEMA_DIR, export
+
+    for path in export(out or SCHEMA_DIR):
+        console.print(f"wrote {path}")

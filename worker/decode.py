@@ -14,6 +14,17 @@ from pydantic import ValidationError
 from schemas.events import ALL_TYPES, EVENT_ADAPTER, ClickEvent, PurchaseEvent, UserDeleted
 from worker.profiles import Position
 
+REASONS = (
+    "empty",
+    "too_large",
+    "not_json",
+    "not_object",
+    "unknown_event_type",
+    "invalid",
+    "bad_timestamp",
+    "key_mismatch",
+)
+
 Event = ClickEvent | PurchaseEvent | UserDeleted
 
 

@@ -14,9 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-import orjson
 import redis
-from kafka import KafkaProducer
 from prometheus_client.metrics import MetricWrapperBase
 from rich.console import Console, Group
 from rich.live import Live
@@ -29,45 +27,10 @@ from worker.app import Worker
 from worker.embedded import EmbeddedBroker, EmbeddedRedis, free_port
 from worker.generator import generate
 from worker.metrics import Metrics
-from worker.source import ensure_topics, kafka_client_config
+from worker.replay import produce
+from worker.source import ensure_topics
 
 log = logging.getLogger(__name__)
-
-
-def topic_for(event: dict[str, object], settings: Settings) -> str:
-    """Purchases go to the purchases topic, everything else to the clickstream."""
-    kafka = settings.kafka
-    return kafka.purchases_topic if event["event_type"] == "purchase" else kafka.clickstream_topic
-
-
-def produce(
-    events: list[dict[str, object]],
-    settings: Settings,
-    rate: float | None = None,
-    stop: threading.Event | None = None,
-) -> int:
-    """Send events keyed by user id, paced to `rate` events/s when given; return how many."""
-    producer = KafkaProducer(**kafka_client_config(settings.kafka), linger_ms=20, acks="all")
-    started = time.monotonic()
-    sent = 0
-    try:
-        for sent, event in enumerate(events, start=1):
-            if stop is not None and stop.is_set():
-                sent -= 1
-                break
-            producer.send(
-                topic_for(event, settings),
-                key=str(event["user_id"]).encode(),
-                value=orjson.dumps(event),
-            )
-            if rate and sent % 100 == 0:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0 and stop is not None and stop.wait(ahead):
-                    break
-        producer.flush()
-    finally:
-        producer.close()
-    return sent
 
 
 @dataclass

@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.settings import KafkaSettings, RedisSettings
-from schemas.records import RedisKeys, SegmentChange, UserSegment
+from schemas.records import KEY_FORMAT, RedisKeys, SegmentChange, UserSegment
 from worker.decode import DeadLetter
 from worker.metrics import Metrics
 from worker.profiles import DAY_MS, Profile
@@ -75,6 +75,16 @@ class BatchWrite:
 
 
 class RedisStore:
+    OPERATIONS = (
+        "ping",
+        "load_profiles",
+        "load_offsets",
+        "write",
+        "expire_members",
+        "checkpoint",
+        "load_model",
+    )
+
     def __init__(
         self, client: redis.Redis, settings: RedisSettings, metrics: Metrics, backoff: Backoff
     ) -> None:
@@ -84,6 +94,8 @@ class RedisStore:
         self._metrics = metrics
         self._backoff = backoff
         self.healthy = False
+        for operation in self.OPERATIONS:  # exported at 0 from the start, for dashboards
+            metrics.redis_errors.labels(operation)
 
     @property
     def keys(self) -> RedisKeys:
@@ -101,7 +113,8 @@ class RedisStore:
         return result
 
     def ping(self) -> None:
-        self._call("ping", self._redis.ping)
+        """Check Redis answers, and record the key format this worker writes."""
+        self._call("ping", lambda: self._redis.set(self._keys.format, KEY_FORMAT))
 
     def load_profiles(self, user_ids: list[str]) -> dict[str, Profile]:
         if not user_ids:
