@@ -160,3 +160,108 @@ def test_demo_ends_by_itself_with_a_summary() -> None:
     assert "events applied" in ran.stdout
     assert "Traceback" not in ran.stdout + ran.stderr
     assert time.monotonic() - started < 120
+
+
+def test_replay_validates_rows_reports_line_numbers_and_sends_the_rest(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import csv
+    import gzip
+
+    import orjson
+    from kafka import KafkaConsumer
+
+    from worker.source import ensure_topics, kafka_client_config
+
+    ensure_topics(settings.kafka, partitions=2)
+    events = generate_events(300)
+    jsonl = tmp_path / "events.jsonl.gz"
+    lines = [orjson.dumps(e) for e in events]
+    lines[10] = b'{"event_type": "page_view"}'  # line 11: invalid
+    lines[20] = b"not json"  # line 21
+    with gzip.open(jsonl, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    ran = subprocess.run(
+        [*CLI, "replay", str(jsonl), "--topic", settings.kafka.clickstream_topic],
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "line 11" in ran.stdout and "line 21" in ran.stdout
+    assert "replayed 298 of 300 rows" in ran.stdout
+
+    table = tmp_path / "clicks.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "kind", "customer", "ts", "price"])
+        writer.writerow(["c1", "product_view", "u-9", "1795342874000", "12.5"])
+        writer.writerow(["c2", "page_view", "u-9", "2026-11-22T10:21:15Z", ""])
+        writer.writerow(["c3", "page_view", "", "1795342874000", ""])  # line 4: no user
+    ran = subprocess.run(
+        [
+            *CLI,
+            "replay",
+            str(table),
+            "--topic",
+            settings.kafka.clickstream_topic,
+            "--map",
+            "id=event_id",
+            "--map",
+            "kind=event_type",
+            "--map",
+            "customer=user_id",
+            "--map",
+            "ts=timestamp",
+        ],
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "line 4" in ran.stdout and "replayed 2 of 3 rows" in ran.stdout
+
+    consumer = KafkaConsumer(
+        settings.kafka.clickstream_topic,
+        **kafka_client_config(settings.kafka),
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    received = [m for m in consumer]
+    consumer.close()
+    assert len(received) == 300
+    assert all(m.key == orjson.loads(m.value)["user_id"].encode() for m in received)
+
+
+def generate_events(n: int) -> list[dict[str, object]]:
+    from worker.generator import generate
+
+    return generate(max(n // 10, 1), n, seed=9).events
+
+
+def test_json_logs_are_one_object_per_line(settings: Settings, tmp_path: Path) -> None:
+    import json
+
+    ran = subprocess.run(
+        [*CLI, "run", "--log-format", "json", "--stop-after-idle", "1"],
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    records = [json.loads(line) for line in ran.stderr.splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any("joined consumer group" in r["message"] for r in records)
+
+
+def test_reader_refuses_an_unknown_key_format(redis_client: redis.Redis) -> None:
+    from schemas.reader import IncompatibleFormat, SegmentReader
+
+    redis_client.set("seg:format", 1)
+    SegmentReader(redis_client)
+    redis_client.set("seg:format", 99)
+    with pytest.raises(IncompatibleFormat, match="format 99"):
+        SegmentReader(redis_client)

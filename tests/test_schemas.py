@@ -135,3 +135,23 @@ def test_user_ids_with_key_syntax_are_accepted() -> None:
     for user_id in ("a:b", "a*b", "with space", "ünï"):
         result = _decode({**CLICK, "user_id": user_id}, key=user_id.encode())
         assert isinstance(result, Decoded), user_id
+
+
+def test_checked_in_json_schemas_are_current() -> None:
+    """`segment-worker export-schemas` output equals the files in schemas/json/."""
+    from schemas.jsonschema import SCHEMA_DIR, json_schemas
+
+    expected = json_schemas()
+    assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted(expected)
+    for name, text in expected.items():
+        assert (SCHEMA_DIR / name).read_bytes() == text, f"{name} is stale: run export-schemas"
+
+
+def test_json_schema_describes_the_wire_format() -> None:
+    from schemas.jsonschema import json_schemas
+
+    change = orjson.loads(json_schemas()["segment-change.schema.json"])
+    assert set(change["required"]) == {"user_id", "from", "to", "model_version", "timestamp"}
+    click = orjson.loads(json_schemas()["click-event.schema.json"])
+    kinds = [alt.get("type") for alt in click["properties"]["timestamp"]["anyOf"]]
+    assert kinds == ["integer", "string"]  # epoch ms or ISO-8601
