@@ -92,7 +92,12 @@ def run_demo(
         metrics = Metrics()
         worker = Worker(settings, metrics, stop)
         threads = [
-            threading.Thread(target=produce, args=(shop.events, settings, rate, stop), daemon=True),
+            threading.Thread(
+                target=produce,
+                args=(shop.events, settings),
+                kwargs={"rate": rate, "stop": stop},
+                daemon=True,
+            ),
             threading.Thread(target=worker.run, daemon=True),
         ]
         for thread in threads:
