@@ -88,6 +88,7 @@ class ProfileSettings(_Section):
     top_categories: Positive = 5
     recency_cap_days: PositiveFloat = 60.0
     cache_size: Positive = 200_000
+    dedupe_window: Annotated[int, Field(ge=0, le=256)] = 8
 
 
 class ModelSettings(_Section):

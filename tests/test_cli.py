@@ -70,6 +70,7 @@ def test_generate_to_kafka_then_run_until_idle(
     assert ran.returncode == 0, ran.stderr
     assert "Traceback" not in ran.stderr
     assert "model v1 checkpointed" in ran.stderr
+    assert "5000 events applied, 0 dead-lettered, 0 skipped" in ran.stderr
     reader = SegmentReader(redis_client)
     assert all(reader.get(user) is not None for user in users)
 

@@ -38,9 +38,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class BatchStats:
-    applied: int
-    invalid: int
-    skipped: int
+    """Records of a batch (or a run): applied, dead-lettered, skipped by a fence."""
+
+    applied: int = 0
+    invalid: int = 0
+    skipped: int = 0
+
+    def __add__(self, other: BatchStats) -> BatchStats:
+        return BatchStats(
+            self.applied + other.applied, self.invalid + other.invalid, self.skipped + other.skipped
+        )
 
 
 class Worker:
@@ -64,6 +71,8 @@ class Worker:
         self.decode = Decoder(settings.decode.max_event_bytes)
         for reason in REASONS:  # every reason exported at 0 from the start
             metrics.invalid.labels(reason)
+        for reason in ("replay", "duplicate_event_id"):
+            metrics.skipped.labels(reason)
         for operation in ("connect", "poll", "commit", "produce"):
             metrics.kafka_errors.labels(operation)
         self.updater = ProfileUpdater(settings.profile)
@@ -75,6 +84,7 @@ class Worker:
             metrics, self.why_not_ready, settings.metrics.host, settings.metrics.port
         )
         self._last_checkpoint = time.monotonic()
+        self.totals = BatchStats()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -88,8 +98,18 @@ class Worker:
     def run(self, stop_after_idle: float | None = None) -> None:
         """Serve until `stop` is set (SIGTERM) or, with `stop_after_idle`, until no
         event arrived for that many seconds and everything is written and committed."""
+        kafka, redis_url = self.settings.kafka, self.settings.redis.url
+        log.info(
+            "segment-worker starting: group %s on %s (topics %s), Redis at %s, metrics on "
+            "http://%s:%d/metrics",
+            kafka.group_id,
+            kafka.bootstrap_servers,
+            ", ".join(kafka.input_topics),
+            redis_url.rpartition("@")[2],
+            self.settings.metrics.host,
+            self.health.port,
+        )
         self.health.start()
-        log.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self.health.port)
         try:
             self.store.ping()
             self._restore_model()
@@ -100,7 +120,7 @@ class Worker:
                 if records or not self.source.assignment:  # idle counts once we may consume
                     last_event = time.monotonic()
                 if records:
-                    self.process(records)
+                    self.totals += self.process(records)
                 elif (
                     stop_after_idle is not None and time.monotonic() - last_event > stop_after_idle
                 ):
@@ -117,7 +137,13 @@ class Worker:
         self.source.close()
         self.outbox.close()
         self.health.stop()
-        log.info("worker stopped")
+        t = self.totals
+        log.info(
+            "worker stopped: %d events applied, %d dead-lettered, %d skipped as already applied",
+            t.applied,
+            t.invalid,
+            t.skipped,
+        )
 
     def _housekeeping(self) -> None:
         self.source.update_lag()
@@ -202,7 +228,10 @@ class Worker:
         assert not isinstance(event, UserDeleted)
         profile = self.cache.get(event.user_id) or Profile(event.user_id)
         if profile.applied(item.position):
-            self.metrics.skipped.inc()
+            self.metrics.skipped.labels("replay").inc()
+            return False
+        if profile.seen(event.event_id):
+            self.metrics.skipped.labels("duplicate_event_id").inc()
             return False
         self.updater.apply(profile, event, item.position)
         self.cache.put(profile)

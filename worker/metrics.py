@@ -30,8 +30,10 @@ class Metrics:
         )
         self.skipped = Counter(
             "segmentation_events_skipped",
-            "Valid events not applied because Redis already holds them (replay after a crash "
-            "or rebalance).",
+            "Valid events not applied because they already are: replay after a crash or "
+            "rebalance (reason=replay), or a producer's retry of an event id "
+            "(reason=duplicate_event_id).",
+            ["reason"],
             registry=r,
         )
         self.latency = Histogram(

@@ -6,6 +6,9 @@ same events in the same order gives bit-for-bit the same profile, whenever it ru
 An event older than the user's clock (out of order) does not rewind the clock; its
 own weight is decayed instead.
 
+A producer that retries may send the same event again at a new offset; the profile keeps
+digests of the ids of its last few events, so such a duplicate is skipped too.
+
 The profile also carries the replay fence: per input topic, the partition and offset of
 the last event applied to it. All of a user's events on a topic come from one partition
 (the key is the user id), so an event at or below that offset is already applied.
@@ -13,6 +16,7 @@ the last event applied to it. All of a user's events on a topic come from one pa
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,11 +56,16 @@ class Profile:
     price_weight: float = 0.0
     categories: dict[str, float] = field(default_factory=dict)
     segment: str | None = None
+    recent_ids: list[int] = field(default_factory=list)
 
     def applied(self, position: Position) -> bool:
         """Whether the event at this position is already folded into the profile."""
         last = self.fence.get(position.topic)
         return last is not None and last[0] == position.partition and position.offset <= last[1]
+
+    def seen(self, event_id: str) -> bool:
+        """Whether an event with this id was among the last ones applied (producer retry)."""
+        return event_digest(event_id) in self.recent_ids
 
     def owned_by(self, partitions: set[tuple[str, int]]) -> bool:
         return any((topic, last[0]) in partitions for topic, last in self.fence.items())
@@ -80,6 +89,11 @@ class Profile:
         return cls(**orjson.loads(blob))
 
 
+def event_digest(event_id: str) -> int:
+    """64 bits of BLAKE2b: a compact id whose collisions are practically impossible."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
+
+
 class ProfileUpdater:
     """Folds events into profiles with the decay and session rules of the settings."""
 
@@ -87,6 +101,7 @@ class ProfileUpdater:
         self._half_life_ms = settings.half_life_days * DAY_MS
         self._session_gap_ms = settings.session_gap_minutes * MINUTE_MS
         self._top_categories = settings.top_categories
+        self._dedupe_window = settings.dedupe_window
 
     def apply(
         self, profile: Profile, event: ClickEvent | PurchaseEvent, position: Position
@@ -105,6 +120,8 @@ class ProfileUpdater:
             if event.category is not None:
                 self._add_category(profile, event.category, weight)
         profile.fence[position.topic] = [position.partition, position.offset]
+        profile.recent_ids.append(event_digest(event.event_id))
+        del profile.recent_ids[: max(len(profile.recent_ids) - self._dedupe_window, 0)]
 
     def _advance_clock(self, profile: Profile, event: ClickEvent | PurchaseEvent) -> float:
         """Decay the profile up to the event's time; return the weight of the event."""
