@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint check-duplicates clean
+.PHONY: demo test lint chaos clean
 
 $(BIN)/segment-worker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,6 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+chaos: $(BIN)/segment-worker  ## the full chaos test: 50k events, SIGKILL three times
+	CHAOS_EVENTS=50000 $(BIN)/python -m pytest -q tests/test_chaos.py
