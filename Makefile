@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint chaos clean
+.PHONY: demo test lint chaos outage clean
 
 $(BIN)/segment-worker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,6 @@ clean:
 
 chaos: $(BIN)/segment-worker  ## the full chaos test: 50k events, SIGKILL three times
 	CHAOS_EVENTS=50000 $(BIN)/python -m pytest -q tests/test_chaos.py
+
+outage: $(BIN)/segment-worker  ## Redis down for 20 s mid-stream
+	OUTAGE_SECONDS=20 $(BIN)/python -m pytest -q tests/test_outages.py

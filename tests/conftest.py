@@ -6,16 +6,19 @@ tests share the servers (starting them is the slow part) but never each other's 
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import orjson
 import pytest
 import redis
 
 from config.settings import Settings, load_settings
+from schemas.records import RedisKeys
 from worker.app import Worker
 from worker.embedded import EmbeddedBroker, EmbeddedRedis
 from worker.metrics import Metrics
@@ -108,6 +111,51 @@ def start_worker() -> Iterator[Callable[..., RunningWorker]]:
     for running in started:
         running.stop.set()
         running.thread.join(30)
+
+
+def applied(client: redis.Redis, prefix: str) -> int:
+    """Records applied so far: the sum over partitions of Redis's fence offsets + 1."""
+    return sum(int(v) + 1 for v in client.hvals(RedisKeys(prefix).offsets))
+
+
+def profiles(client: redis.Redis, prefix: str, users: set[str]) -> dict[str, dict[str, object]]:
+    keys = RedisKeys(prefix)
+    found = {}
+    for user in users:
+        blob = client.get(keys.profile(user))
+        if blob is not None:
+            profile = orjson.loads(blob)
+            del profile["segment"]  # the model's answer, not the profile's data
+            found[user] = profile
+    return found
+
+
+def same(expected: object, got: object) -> bool:
+    """Equal field for field; floats to 1e-9 relative.
+
+    A user's clicks and orders arrive on two topics whose interleaving differs from run to
+    run; decayed sums are the same numbers added in another order, so they may differ in
+    the last bits and nowhere else.
+    """
+    if isinstance(expected, float) or isinstance(got, float):
+        return isinstance(got, int | float) and math.isclose(
+            expected,
+            got,
+            rel_tol=1e-9,
+            abs_tol=1e-12,  # type: ignore[arg-type]
+        )
+    if isinstance(expected, dict) and isinstance(got, dict):
+        return expected.keys() == got.keys() and all(same(v, got[k]) for k, v in expected.items())
+    if isinstance(expected, list) and isinstance(got, list):
+        return len(expected) == len(got) and all(map(same, expected, got))
+    return expected == got
+
+
+def differing(
+    expected: dict[str, dict[str, object]], got: dict[str, dict[str, object]]
+) -> list[str]:
+    """Users whose profiles are not `same` (or missing on either side)."""
+    return sorted(u for u in expected.keys() | got.keys() if not same(expected.get(u), got.get(u)))
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:

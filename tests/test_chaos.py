@@ -16,10 +16,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import orjson
 import pytest
 import redis
-from conftest import wait_for
+from conftest import applied, differing, profiles, wait_for
 
 from config.settings import Settings
 from schemas.records import RedisKeys
@@ -51,23 +50,6 @@ def worker_env(settings: Settings, prefix: str, group: str) -> dict[str, str]:
         "SEGMENT_MODEL_WARMUP_USERS": "100",
         "SEGMENT_MODEL_CHECKPOINT_INTERVAL_S": "1",
     }
-
-
-def applied(client: redis.Redis, prefix: str) -> int:
-    """Records applied so far: the sum over partitions of Redis's fence offsets + 1."""
-    return sum(int(v) + 1 for v in client.hvals(RedisKeys(prefix).offsets))
-
-
-def profiles(client: redis.Redis, prefix: str, users: set[str]) -> dict[str, dict[str, object]]:
-    keys = RedisKeys(prefix)
-    found = {}
-    for user in users:
-        blob = client.get(keys.profile(user))
-        if blob is not None:
-            profile = orjson.loads(blob)
-            del profile["segment"]  # the model's answer, not the profile's data
-            found[user] = profile
-    return found
 
 
 def test_sigkill_at_random_moments_changes_nothing(
@@ -116,7 +98,7 @@ def test_sigkill_at_random_moments_changes_nothing(
     users = set(shop.truth)
     expected, got = profiles(redis_client, "ref", users), profiles(redis_client, "seg", users)
     assert set(got) == users
-    mismatched = [u for u in users if got[u] != expected[u]]
+    mismatched = differing(expected, got)
     assert not mismatched, f"{len(mismatched)} profiles differ, e.g. {mismatched[:3]}"
     orders = Counter(str(e["user_id"]) for e in shop.events if e["event_type"] == "purchase")
     assert all(got[u]["orders"] == orders.get(u, 0) for u in users)

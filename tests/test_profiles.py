@@ -176,7 +176,8 @@ def test_cache_evicts_least_recently_used_and_drops_revoked_partitions() -> None
 def test_recent_event_ids_are_remembered_within_the_window() -> None:
     settings = ProfileSettings(dedupe_window=3)
     profile = fold([click(T0 + i) for i in range(5)], settings)
-    assert len(profile.recent_ids) == 3
-    assert profile.seen(f"e{T0 + 4}") and profile.seen(f"e{T0 + 2}")
-    assert not profile.seen(f"e{T0 + 1}")  # fell out of the window
-    assert not profile.seen("never-sent")
+    assert len(profile.recent_ids["t"]) == 3
+    assert profile.seen(f"e{T0 + 4}", "t") and profile.seen(f"e{T0 + 2}", "t")
+    assert not profile.seen(f"e{T0 + 1}", "t")  # fell out of the window
+    assert not profile.seen("never-sent", "t")
+    assert not profile.seen(f"e{T0 + 4}", "other-topic")

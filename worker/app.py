@@ -230,7 +230,7 @@ class Worker:
         if profile.applied(item.position):
             self.metrics.skipped.labels("replay").inc()
             return False
-        if profile.seen(event.event_id):
+        if profile.seen(event.event_id, item.position.topic):
             self.metrics.skipped.labels("duplicate_event_id").inc()
             return False
         self.updater.apply(profile, event, item.position)

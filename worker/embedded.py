@@ -132,23 +132,21 @@ def redis_server_binary() -> str:
 
 
 class EmbeddedRedis(_ChildServer):
-    """redis-server with persistence off, on loopback only."""
+    """redis-server on loopback only. With `persistent`, an append-only file synced on
+    every write lets it stop and start again with its data, as a production Redis would."""
 
     name = "redis"
 
+    def __init__(self, port: int | None = None, persistent: bool = False) -> None:
+        super().__init__(port)
+        self._persistent = persistent
+
     def command(self) -> list[str]:
+        persistence = ["yes", "--appendfsync", "always"] if self._persistent else ["no"]
         return [
             redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self._dir),
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self._dir)),
+            *("--save", "", "--appendonly", *persistence),
         ]
 
     def start(self) -> Self:

@@ -56,16 +56,18 @@ class Profile:
     price_weight: float = 0.0
     categories: dict[str, float] = field(default_factory=dict)
     segment: str | None = None
-    recent_ids: list[int] = field(default_factory=list)
+    last_click_ts: int = 0
+    recent_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def applied(self, position: Position) -> bool:
         """Whether the event at this position is already folded into the profile."""
         last = self.fence.get(position.topic)
         return last is not None and last[0] == position.partition and position.offset <= last[1]
 
-    def seen(self, event_id: str) -> bool:
-        """Whether an event with this id was among the last ones applied (producer retry)."""
-        return event_digest(event_id) in self.recent_ids
+    def seen(self, event_id: str, topic: str) -> bool:
+        """Whether an event with this id was among the last ones applied from the topic
+        (a producer's retry lands on the same topic)."""
+        return event_digest(event_id) in self.recent_ids.get(topic, ())
 
     def owned_by(self, partitions: set[tuple[str, int]]) -> bool:
         return any((topic, last[0]) in partitions for topic, last in self.fence.items())
@@ -106,9 +108,8 @@ class ProfileUpdater:
     def apply(
         self, profile: Profile, event: ClickEvent | PurchaseEvent, position: Position
     ) -> None:
-        previous_ts = profile.last_ts
         weight = self._advance_clock(profile, event)
-        if self._starts_session(profile, event, previous_ts):
+        if isinstance(event, ClickEvent) and self._starts_session(profile, event):
             profile.sessions += weight
         profile.counts[event.event_type] = profile.counts.get(event.event_type, 0.0) + weight
         if isinstance(event, PurchaseEvent):
@@ -120,8 +121,9 @@ class ProfileUpdater:
             if event.category is not None:
                 self._add_category(profile, event.category, weight)
         profile.fence[position.topic] = [position.partition, position.offset]
-        profile.recent_ids.append(event_digest(event.event_id))
-        del profile.recent_ids[: max(len(profile.recent_ids) - self._dedupe_window, 0)]
+        recent = profile.recent_ids.setdefault(position.topic, [])
+        recent.append(event_digest(event.event_id))
+        del recent[: max(len(recent) - self._dedupe_window, 0)]
 
     def _advance_clock(self, profile: Profile, event: ClickEvent | PurchaseEvent) -> float:
         """Decay the profile up to the event's time; return the weight of the event."""
@@ -144,18 +146,20 @@ class ProfileUpdater:
         profile.last_ts = event.timestamp
         return 1.0
 
-    def _starts_session(
-        self, profile: Profile, event: ClickEvent | PurchaseEvent, previous_ts: int
-    ) -> bool:
-        """A new session id starts a session; without one, a long enough gap does."""
-        session_id = event.session_id if isinstance(event, ClickEvent) else None
-        if session_id is not None:
-            new = session_id != profile.session_id
-            profile.session_id = session_id
-            return new
-        if not previous_ts:
-            return True
-        return event.timestamp - previous_ts > self._session_gap_ms
+    def _starts_session(self, profile: Profile, event: ClickEvent) -> bool:
+        """Sessions are a clickstream notion (orders carry no session id), so only clicks
+        count them, which also keeps them independent of how the two input topics
+        interleave. A new session id starts a session; without ids, a click more than the
+        session gap after the previous click does."""
+        if event.session_id is not None:
+            new = event.session_id != profile.session_id
+            profile.session_id = event.session_id
+        else:
+            new = not profile.last_click_ts or (
+                event.timestamp - profile.last_click_ts > self._session_gap_ms
+            )
+        profile.last_click_ts = max(profile.last_click_ts, event.timestamp)
+        return new
 
     def _fold_purchase(self, profile: Profile, event: PurchaseEvent, weight: float) -> None:
         total = event.total or sum(item.unit_price * item.quantity for item in event.items)
