@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint chaos outage clean
+.PHONY: demo test lint chaos outage fuzz clean
 
 $(BIN)/segment-worker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,6 @@ chaos: $(BIN)/segment-worker  ## the full chaos test: 50k events, SIGKILL three 
 
 outage: $(BIN)/segment-worker  ## Redis down for 20 s mid-stream
 	OUTAGE_SECONDS=20 $(BIN)/python -m pytest -q tests/test_outages.py
+
+fuzz: $(BIN)/segment-worker  ## 100k fuzzed records mixed into a stream
+	FUZZ_MESSAGES=100000 $(BIN)/python -m pytest -q tests/test_fuzz.py
