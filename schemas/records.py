@@ -42,6 +42,12 @@ class RedisKeys:
         return f"{self.prefix}:segments"
 
     @property
+    def pending(self) -> str:
+        """Set of users whose events were applied before any model existed: they get
+        their first segment as soon as one is published, from whichever worker owns them."""
+        return f"{self.prefix}:pending"
+
+    @property
     def offsets(self) -> str:
         """Hash `topic:partition` -> last offset applied to Redis (the replay fence)."""
         return f"{self.prefix}:offsets"

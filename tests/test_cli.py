@@ -16,6 +16,7 @@ from conftest import wait_for
 from config.settings import Settings
 from schemas.reader import SegmentReader
 from worker.embedded import EmbeddedRedis, free_port
+from worker.source import ensure_topics
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "worker"]
@@ -69,7 +70,7 @@ def test_generate_to_kafka_then_run_until_idle(
     )
     assert ran.returncode == 0, ran.stderr
     assert "Traceback" not in ran.stderr
-    assert "model v1 checkpointed" in ran.stderr
+    assert "published model v1 revision" in ran.stderr
     assert "5000 events applied, 0 dead-lettered, 0 skipped" in ran.stderr
     reader = SegmentReader(redis_client)
     assert all(reader.get(user) is not None for user in users)
@@ -113,6 +114,7 @@ def test_bad_setting_fails_at_start_naming_it(
 
 
 def test_redis_down_at_start_is_retried_not_a_crash(settings: Settings, tmp_path: Path) -> None:
+    ensure_topics(settings.kafka, partitions=1)
     port = free_port()
     env = env_for(settings, SEGMENT_REDIS_URL=f"redis://127.0.0.1:{port}/0")
     log = tmp_path / "worker.log"
@@ -135,6 +137,7 @@ def test_redis_down_at_start_is_retried_not_a_crash(settings: Settings, tmp_path
 
 
 def test_sigterm_drains_and_exits_zero(settings: Settings, tmp_path: Path) -> None:
+    ensure_topics(settings.kafka, partitions=1)
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
         worker = subprocess.Popen(
@@ -245,6 +248,7 @@ def generate_events(n: int) -> list[dict[str, object]]:
 def test_json_logs_are_one_object_per_line(settings: Settings, tmp_path: Path) -> None:
     import json
 
+    ensure_topics(settings.kafka, partitions=1)
     ran = subprocess.run(
         [*CLI, "run", "--log-format", "json", "--stop-after-idle", "1"],
         env=env_for(settings),
@@ -266,3 +270,25 @@ def test_reader_refuses_an_unknown_key_format(redis_client: redis.Redis) -> None
     redis_client.set("seg:format", 99)
     with pytest.raises(IncompatibleFormat, match="format 99"):
         SegmentReader(redis_client)
+
+
+def test_input_topics_with_different_partition_counts_are_refused(settings: Settings) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    from worker.source import kafka_client_config
+
+    admin = KafkaAdminClient(**kafka_client_config(settings.kafka))
+    admin.create_topics(
+        [
+            NewTopic(settings.kafka.clickstream_topic, 4, 1),
+            NewTopic(settings.kafka.purchases_topic, 2, 1),
+        ]
+    )
+    admin.close()
+    ran = subprocess.run(
+        [*CLI, "run"], env=env_for(settings), capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 2
+    assert "same number of partitions" in ran.stdout + ran.stderr
+    assert "Traceback" not in ran.stdout + ran.stderr

@@ -26,7 +26,7 @@ def trained_model() -> tuple[SegmentModel, dict[str, dict[str, float]]]:
         profile = profiles.setdefault(event.user_id, Profile(event.user_id))
         updater.apply(profile, event, Position("t", 0, offset))  # type: ignore[arg-type]
         latest[event.user_id] = extract(profile)
-        model.learn_assign(event.user_id, latest[event.user_id], event.timestamp)
+        model.learn_one(event.user_id, latest[event.user_id], event.timestamp)
     return model, latest
 
 
@@ -35,23 +35,32 @@ def model_and_profiles() -> tuple[SegmentModel, dict[str, dict[str, float]]]:
     return trained_model()
 
 
-def test_warm_up_then_seed_assigns_every_buffered_user() -> None:
+def test_warm_up_then_k_means_plus_plus_seeding() -> None:
     model = SegmentModel(ModelSettings(n_clusters=3, warmup_users=10, seed=1))
-    settled = {}
-    for i in range(10):
-        x = {name: float(i % 3) * 5 + 0.1 * i for name in FEATURES}
-        settled = model.learn_assign(f"u{i}", x, 1000 + i)
-        if i < 9:
-            assert settled == {} and not model.ready
-    assert model.ready and model.version == 1
-    assert set(settled) == {f"u{i}" for i in range(10)}  # warm-up users get a segment too
+    points = {f"u{i}": {name: float(i % 3) * 5 + 0.1 * i for name in FEATURES} for i in range(10)}
+    for i, (user_id, x) in enumerate(points.items()):
+        seeded = model.learn_one(user_id, x, 1000 + i)
+        assert seeded == (i == 9) and model.ready == (i == 9)
+    assert model.version == 1
     assert sorted(s.id for s in model.segments.values()) == ["s1", "s2", "s3"]
-    # k-means++ on three well-separated groups: each group shares one segment
-    groups = {i % 3: set() for i in range(10)}
-    for i in range(10):
-        groups[i % 3].add(settled[f"u{i}"].segment)
+    # three well-separated groups: each group shares one segment, each its own
+    groups: dict[int, set[str]] = {0: set(), 1: set(), 2: set()}
+    for i, x in enumerate(points.values()):
+        groups[i % 3].add(model.assign(x).segment)
     assert all(len(ids) == 1 for ids in groups.values())
-    assert len({next(iter(ids)) for ids in groups.values()}) == 3
+    assert len(set.union(*groups.values())) == 3
+
+
+def test_learning_moves_the_nearest_centre_only() -> None:
+    model = SegmentModel(ModelSettings(n_clusters=3, warmup_users=10, seed=1, learning_rate=0.5))
+    for i in range(10):
+        model.learn_one(f"u{i}", {n: float(i % 3) * 5 for n in FEATURES}, i)
+    before = {i: dict(c) for i, c in model.kmeans.centers.items()}
+    x = {n: 10.0 for n in FEATURES}
+    nearest = next(i for i, s in model.segments.items() if s.id == model.assign(x).segment)
+    model.learn_one("u-new", x, 99)
+    moved = [i for i, c in model.kmeans.centers.items() if dict(c) != before[i]]
+    assert moved == [nearest]
 
 
 def test_checkpoint_round_trip_assigns_identically(model_and_profiles) -> None:  # type: ignore[no-untyped-def]

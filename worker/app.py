@@ -5,23 +5,28 @@ Per poll batch, in order:
   → features → model (assign + learn) → drift → sink (Kafka outbox, then one Redis
   transaction) → commit (Kafka offsets).
 Nothing is committed before Redis holds the result, so a crash anywhere replays, and
-the fences in Redis make the replay change nothing twice.
+the fences in Redis make the replay change nothing twice. Between batches the worker
+syncs the model through Redis (`coordination.py`): one worker trains and publishes, all
+assign with the published revision.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import orjson
 import redis
 
 from config.settings import Settings
 from schemas.events import UserDeleted
 from schemas.records import SegmentChange, UserSegment
+from worker.coordination import ModelCoordinator
 from worker.decode import REASONS, DeadLetter, Decoded, Decoder
 from worker.drift import DriftMonitor
 from worker.features import FeatureExtractor
@@ -30,7 +35,7 @@ from worker.metrics import Metrics
 from worker.model import Assignment, SegmentModel
 from worker.profiles import Profile, ProfileCache, ProfileUpdater
 from worker.retry import Backoff, Stopped
-from worker.sink import BatchWrite, KafkaOutbox, RedisStore, SegmentSnapshot
+from worker.sink import BatchWrite, KafkaOutbox, RedisStore, SegmentSnapshot, StaleBatch
 from worker.source import KafkaSource, Record
 
 log = logging.getLogger(__name__)
@@ -66,7 +71,12 @@ class Worker:
         self.store = RedisStore(client, settings.redis, metrics, backoff)
         self.outbox = KafkaOutbox(settings.kafka, metrics, backoff)
         self.source = KafkaSource(
-            settings.kafka, metrics, backoff, self.store.applied_offsets, self._forget_partitions
+            settings.kafka,
+            metrics,
+            backoff,
+            self.store.applied_offsets,
+            self._forget_partitions,
+            on_assigned=self._on_assigned,
         )
         self.decode = Decoder(settings.decode.max_event_bytes)
         for reason in REASONS:  # every reason exported at 0 from the start
@@ -78,12 +88,17 @@ class Worker:
         self.updater = ProfileUpdater(settings.profile)
         self.features = FeatureExtractor(settings.profile)
         self.cache = ProfileCache(settings.profile.cache_size)
-        self.model = SegmentModel(settings.model)
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
+        self._pending_check = False
+        # Per owned partition, the offset Redis holds as this worker last wrote or read it.
+        self._expected: dict[tuple[str, int], int | None] = {}
         self.drift = DriftMonitor(metrics)
         self.health = HealthServer(
             metrics, self.why_not_ready, settings.metrics.host, settings.metrics.port
         )
-        self._last_checkpoint = time.monotonic()
+        self._last_sync = time.monotonic()
+        self._sync_now = False
         self.totals = BatchStats()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -112,7 +127,7 @@ class Worker:
         self.health.start()
         try:
             self.store.ping()
-            self._restore_model()
+            self.sync()
             self.source.connect()
             last_event = time.monotonic()
             while not self.stop.is_set():
@@ -127,7 +142,8 @@ class Worker:
                     log.info("no new event for %.0fs; stopping", stop_after_idle)
                     break
                 self._housekeeping()
-            self.checkpoint()
+            self.sync()
+            self.coordinator.release()
         except Stopped as stopped:
             log.warning("stopped while waiting for %s; uncommitted work will be replayed", stopped)
         finally:
@@ -145,44 +161,73 @@ class Worker:
             t.skipped,
         )
 
+    @property
+    def model(self) -> SegmentModel:
+        """The published model every worker assigns with."""
+        return self.coordinator.model
+
     def _housekeeping(self) -> None:
         self.source.update_lag()
         self.metrics.profiles_active.set(len(self.cache))
-        if time.monotonic() - self._last_checkpoint >= self.settings.model.checkpoint_interval_s:
-            self.checkpoint()
+        if self._sync_due():
+            self.sync()
+        elif self._pending_check and self.model.ready:
+            self.sync(publish=False)
 
-    def checkpoint(self) -> None:
-        """Persist the model; also prune memberships of users whose keys expired."""
-        self._last_checkpoint = time.monotonic()
+    def _sync_due(self) -> bool:
+        """Every checkpoint interval; every second while waiting for a first model."""
+        interval = self.settings.model.checkpoint_interval_s
         if not self.model.ready:
-            return
-        self.model.rename()  # names follow the centroids at checkpoint pace, not per batch
-        self.store.save_model(orjson.dumps(self.model.to_state()))
-        self.store.expire_members(seg.id for seg in self.model.segments.values())
-        self.metrics.checkpoints.inc()
-        log.info("model v%d checkpointed", self.model.version)
+            interval = min(interval, 1.0)
+        return time.monotonic() - self._last_sync >= interval
 
-    def _restore_model(self) -> None:
-        blob = self.store.load_model()
-        if blob is None:
-            log.info(
-                "no model checkpoint in Redis; a new model warms up on the first %d users",
-                self.settings.model.warmup_users,
-            )
-            return
-        try:
-            self.model = SegmentModel.from_state(self.settings.model, orjson.loads(blob))
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("model checkpoint unusable (%s); starting a fresh model", exc)
-            return
-        self.metrics.model_version.set(self.model.version)
-        log.info(
-            "restored model v%d with segments %s",
-            self.model.version,
-            ", ".join(s.id for s in self.model.segments.values()),
-        )
+    def sync(self, publish: bool = True) -> None:
+        """Share the model through Redis (see coordination.py) and write what that settles:
+        the first segments of users who waited for a model, pruned memberships."""
+        batch = BatchWrite()
+        self._sync(batch, publish)
+        if batch:
+            self._write(batch)
+        if self.coordinator.leading and self.model.ready:
+            self.store.expire_members(seg.id for seg in self.model.segments.values())
+
+    def _sync(self, batch: BatchWrite, publish: bool = True) -> None:
+        if publish:
+            self._last_sync, self._sync_now = time.monotonic(), False
+        if self.coordinator.sync(publish):
+            self._pending_check = True
+        if self._pending_check and self.model.ready:
+            self._assign_pending(batch)
+
+    def _on_assigned(self, applied: dict[tuple[str, int], int | None]) -> None:
+        """New partitions: remember what Redis holds for them, and look for users their
+        previous owner left waiting for a model."""
+        self._expected.update(applied)
+        self._pending_check = True
+        # Whatever the cache holds of these partitions predates their previous owner's
+        # writes: read them afresh from Redis.
+        self.cache.drop_partitions(set(applied))
+
+    def _assign_pending(self, batch: BatchWrite) -> None:
+        """First segments for waiting users (`seg:pending`) on partitions this worker owns."""
+        self._pending_check = False
+        waiting = set(self.store.pending_users()) | batch.pending
+        batch.pending = set()
+        self._load_missing(waiting)
+        owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
+        for user_id in sorted(waiting):
+            profile = self.cache.get(user_id)
+            if profile is None:  # deleted or expired meanwhile
+                batch.assigned_pending.add(user_id)
+            elif profile.owned_by(owned):
+                self._assign(batch, user_id, self.model.assign(self.features(profile)))
+                batch.assigned_pending.add(user_id)
+            else:  # another worker's user: do not keep a copy that will go stale
+                self.cache.discard([user_id])
 
     def _forget_partitions(self, partitions: set[tuple[str, int]]) -> None:
+        for tp in partitions:
+            self._expected.pop(tp, None)
         dropped = self.cache.drop_partitions(partitions)
         log.info("dropped %d cached profiles of revoked partitions", dropped)
 
@@ -197,17 +242,23 @@ class Worker:
         for item in decoded:
             position = item.position
             batch.offsets[(position.topic, position.partition)] = position.offset
+            batch.first_offsets.setdefault((position.topic, position.partition), position.offset)
             if isinstance(item, DeadLetter):
                 self.outbox.dead_letter(item)
-                self.metrics.invalid.labels(item.reason).inc()
+                batch.tally[("invalid", item.reason)] += 1
                 invalid += 1
             elif isinstance(item.event, UserDeleted):
                 self._delete_user(batch, item.event, position.topic)
             elif not self._apply(batch, item):
                 skipped += 1
+        if self._sync_now or (batch.pending and self._sync_due()):
+            self._sync(batch)  # a model to publish or to wait for: assign waiting users now
         self.outbox.flush()
-        sizes = self.store.write(batch, self._snapshots(), self.model.version)
+        sizes = self._write(batch)
+        if sizes is None:
+            return BatchStats()  # re-read here if still ours, else by the partitions' owner
         self.source.commit(batch.offsets)
+        self._count(batch)
         self.cache.trim()
         written = time.time()
         for record in records:
@@ -216,6 +267,40 @@ class Worker:
             self.metrics.segment_users.labels(segment).set(size)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         return BatchStats(len(records) - invalid - skipped, invalid, skipped)
+
+    def _count(self, batch: BatchWrite) -> None:
+        """Count a batch's records once it is written: a discarded batch counts nothing."""
+        counters = {
+            "events": self.metrics.events,
+            "invalid": self.metrics.invalid,
+            "skipped": self.metrics.skipped,
+        }
+        for (kind, *labels), n in batch.tally.items():
+            counters[kind].labels(*labels).inc(n)
+
+    def _write(self, batch: BatchWrite) -> dict[str, int] | None:
+        """Write a batch fenced by the offsets this worker expects; None if refused."""
+        batch.expected = dict(self._expected)
+        try:
+            sizes = self.store.write(batch, self._snapshots(), self.model.version)
+        except StaleBatch as stale:
+            self._discard(batch, stale)
+            return None
+        self._expected.update(batch.offsets)
+        return sizes
+
+    def _discard(self, batch: BatchWrite, stale: StaleBatch) -> None:
+        """Another worker has written partitions this one thought it owned: write nothing,
+        forget what the batch touched and those partitions' profiles, and re-read from
+        what Redis has applied (the coming rebalance will take the lost partitions)."""
+        log.warning("batch discarded: another worker has written %s; re-reading from Redis", stale)
+        self.metrics.stale_batches.inc()
+        self._expected.update(stale.applied)
+        self.cache.discard([*batch.profiles, *batch.segments, *batch.deleted])
+        self.cache.drop_partitions(set(stale.applied))
+        self.source.rewind(
+            self.store.applied_offsets(list(batch.first_offsets)), batch.first_offsets
+        )
 
     def _load_missing(self, user_ids: Iterable[str]) -> None:
         missing = list({uid for uid in user_ids if uid not in self.cache})
@@ -228,22 +313,24 @@ class Worker:
         assert not isinstance(event, UserDeleted)
         profile = self.cache.get(event.user_id) or Profile(event.user_id)
         if profile.applied(item.position):
-            self.metrics.skipped.labels("replay").inc()
+            batch.tally[("skipped", "replay")] += 1
             return False
         if profile.seen(event.event_id, item.position.topic):
-            self.metrics.skipped.labels("duplicate_event_id").inc()
+            batch.tally[("skipped", "duplicate_event_id")] += 1
             return False
         self.updater.apply(profile, event, item.position)
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
-        self.metrics.events.labels(item.position.topic, event.event_type).inc()
+        batch.tally[("events", item.position.topic, event.event_type)] += 1
         x = self.features(profile)
-        for user_id, assignment in self.model.learn_assign(
-            profile.user_id, x, event.timestamp
-        ).items():
-            self._assign(batch, user_id, assignment)
-            if user_id == profile.user_id:
-                self.drift.update(assignment.distance, event.timestamp)
+        if self.coordinator.learn(profile.user_id, x, event.timestamp):
+            self._sync_now = True
+        if self.model.ready:
+            assignment = self.model.assign(x)
+            self._assign(batch, profile.user_id, assignment)
+            self.drift.update(assignment.distance, event.timestamp)
+        else:
+            batch.pending.add(profile.user_id)
         return True
 
     def _assign(self, batch: BatchWrite, user_id: str, assignment: Assignment) -> None:
@@ -276,12 +363,11 @@ class Worker:
             distance=round(assignment.distance, 4),
             updated_at=profile.last_ts,
         )
-        self.metrics.model_version.set(self.model.version)
 
     def _delete_user(self, batch: BatchWrite, event: UserDeleted, topic: str) -> None:
         profile = self.cache.get(event.user_id)
         self.cache.discard([event.user_id])
-        self.model.forget(event.user_id)
+        self.coordinator.forget(event.user_id)
         segment = profile.segment if profile else None
         batch.delete(event.user_id, segment)
         if segment is not None:
@@ -295,7 +381,7 @@ class Worker:
                 )
             )
         self.metrics.users_deleted.inc()
-        self.metrics.events.labels(topic, event.event_type).inc()
+        batch.tally[("events", topic, event.event_type)] += 1
 
     def _snapshots(self) -> list[SegmentSnapshot]:
         if not self.model.ready:

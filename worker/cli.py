@@ -28,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # whole lines, so they can be grepped
 
 ConfigOption = Annotated[
     Path | None,
@@ -50,7 +51,7 @@ def _settings(config: Path | None, log_format: str | None = None) -> Settings:
     try:
         settings = load_settings(config, **overrides)
     except SettingsError as exc:
-        console.print(f"[red]configuration error[/]\n{exc}")
+        errors.print(f"[red]configuration error[/]\n{exc}")
         raise typer.Exit(2) from None
     handler = logging.StreamHandler(sys.stderr)
     if settings.worker.log_format == "json":
@@ -80,6 +81,7 @@ def run(
 ) -> None:
     """Run the worker: join the consumer group and serve until SIGTERM."""
     from worker.app import Worker
+    from worker.source import TopicLayoutError
 
     settings = _settings(config, log_format)
     stop = threading.Event()
@@ -96,7 +98,11 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Worker(settings, Metrics(), stop).run(stop_after_idle=stop_after_idle)
+    try:
+        Worker(settings, Metrics(), stop).run(stop_after_idle=stop_after_idle)
+    except TopicLayoutError as exc:
+        errors.print(f"[red]cannot consume the input topics[/]: {exc}")
+        raise typer.Exit(2) from None
 
 
 def _force_exit(settings: Settings) -> None:
@@ -127,7 +133,7 @@ def generate(
     from worker.source import ensure_topics
 
     if not (out or kafka):
-        console.print("[red]give --out FILE.jsonl, --kafka, or both[/]")
+        errors.print("[red]give --out FILE.jsonl, --kafka, or both[/]")
         raise typer.Exit(2)
     settings = _settings(config)
     shop = generate_shop(users, events, seed)
@@ -215,7 +221,7 @@ def replay(
         mapping = parse_mapping(map_ or [])
         parsed = list(rows(file, mapping))
     except ValueError as exc:
-        console.print(f"[red]{exc}[/]")
+        errors.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     valid = [row.event for row in parsed if row.event is not None]
     invalid = [row for row in parsed if row.event is None]

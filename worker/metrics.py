@@ -103,6 +103,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.stale_batches = Counter(
+            "segmentation_stale_batches",
+            "Batches refused because another worker had already applied past them "
+            "(this worker had lost the partitions in a rebalance).",
+            registry=r,
+        )
         self.checkpoints = Counter(
-            "segmentation_model_checkpoints", "Model checkpoints written to Redis.", registry=r
+            "segmentation_model_checkpoints",
+            "Model revisions this worker published to Redis (it held the lease).",
+            registry=r,
+        )
+        self.model_revision = Gauge(
+            "segmentation_model_revision",
+            "Revision of the published model this worker assigns with.",
+            registry=r,
+        )
+        self.model_leader = Gauge(
+            "segmentation_model_leader",
+            "1 when this worker holds the model lease (trains and publishes), else 0.",
+            registry=r,
         )

@@ -10,6 +10,10 @@ The model of record is River: a `StandardScaler` learns the population online an
 * Identity. Consumers of `seg:user:*` need segment ids that keep their meaning, and
   people need names. Each River cluster index is bound to a stable id (`s1`, `s2`, ...)
   and named from its centroid in original units compared with the population.
+
+Learning and assigning are separate calls so that one worker can train while every
+worker assigns with the same published snapshot (see `worker/coordination.py`).
+`version` counts model generations (1 after seeding); `revision` counts publications.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from sklearn.cluster import KMeans as BatchKMeans
 from config.settings import ModelSettings
 from worker.features import FEATURES
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class SegmentModel:
             n_clusters=settings.n_clusters, halflife=settings.learning_rate, seed=settings.seed
         )
         self.version = 0
+        self.revision = 0
         self.segments: dict[int, Segment] = {}
         self._next_id = 1
         self._warmup: dict[str, dict[str, float]] = {}
@@ -60,25 +65,18 @@ class SegmentModel:
     def ready(self) -> bool:
         return self.version > 0
 
-    def learn_assign(
-        self, user_id: str, x: dict[str, float], event_ts: int
-    ) -> dict[str, Assignment]:
-        """Learn from one profile and return the segment assignments it settles.
-
-        Usually that is just this user's. During warm-up it is nothing, and on the event
-        that completes warm-up it is every user buffered so far.
-        """
+    def learn_one(self, user_id: str, x: dict[str, float], event_ts: int) -> bool:
+        """Learn from one profile; True when this call completed warm-up and seeded."""
         self.scaler.learn_one(x)
-        if not self.ready:
-            self._warmup[user_id] = x
-            if len(self._warmup) < self._settings.warmup_users:
-                return {}
-            self._seed(event_ts)
-            buffered, self._warmup = self._warmup, {}
-            return {uid: self.assign(features) for uid, features in buffered.items()}
-        z = self.scaler.transform_one(x)
-        index = self.kmeans.learn_predict_one(z)
-        return {user_id: Assignment(self.segments[index].id, self._distance(z, index))}
+        if self.ready:
+            self.kmeans.learn_one(self.scaler.transform_one(x))
+            return False
+        self._warmup[user_id] = x
+        if len(self._warmup) < self._settings.warmup_users:
+            return False
+        self._seed(event_ts)
+        self._warmup = {}
+        return True
 
     def forget(self, user_id: str) -> None:
         """Drop a deleted user from the warm-up buffer."""
@@ -145,6 +143,7 @@ class SegmentModel:
             "features": list(FEATURES),
             "n_clusters": self._settings.n_clusters,
             "version": self.version,
+            "revision": self.revision,
             "next_id": self._next_id,
             "scaler": {
                 "counts": dict(self.scaler.counts),
@@ -181,6 +180,7 @@ class SegmentModel:
             model.kmeans.centers[int(index)].update(center)
         model.segments = {int(i): Segment(**s) for i, s in state["segments"].items()}
         model.version = int(state["version"])
+        model.revision = int(state["revision"])
         model._next_id = int(state["next_id"])
         if model.ready:
             model.rename()

@@ -3,8 +3,10 @@
 One poll batch becomes one Redis MULTI/EXEC: the users' segments, their profiles
 (each carrying its own per-user fence), segment membership and descriptions, and the
 per-partition applied offsets. Either all of it lands or none of it does, so the offsets
-Redis reports always describe exactly the state Redis holds. On a Redis Cluster, where
-MULTI cannot span slots, the per-user fence inside each profile still makes a replay
+Redis reports always describe exactly the state Redis holds. The transaction WATCHes the
+offsets and is refused when another worker has written any partition this one owns: the
+batch comes from a worker that lost its partitions in a rebalance it has not noticed yet. On a Redis
+Cluster, where MULTI cannot span slots, the per-user fence inside each profile still makes a replay
 harmless (DESIGN.md, "Delivery").
 
 The Kafka outputs (dead letters, segment changes) are flushed before the Redis write, so
@@ -15,15 +17,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import redis
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
-from redis.exceptions import BusyLoadingError, ReadOnlyError
+from redis.exceptions import BusyLoadingError, ReadOnlyError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -38,7 +41,38 @@ from worker.source import kafka_client_config
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_CLAIM_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local leader = redis.call('HGET', KEYS[1], 'leader')
+local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+if leader == ARGV[1] or lease_until < now then
+    redis.call('HSET', KEYS[1], 'leader', ARGV[1], 'lease_until', now + tonumber(ARGV[2]))
+    return 1
+end
+return 0
+"""
+_RELEASE_LEASE = """
+if redis.call('HGET', KEYS[1], 'leader') == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'lease_until', 0)
+end
+return 0
+"""
+_PUBLISH_MODEL = """
+if redis.call('HGET', KEYS[1], 'leader') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'revision', ARGV[3])
+return 1
+"""
 REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError)
+
+
+class StaleBatch(Exception):
+    """Another worker has written partitions this one thinks it owns (RedisStore.write)."""
+
+    def __init__(self, applied: dict[tuple[str, int], int]) -> None:
+        super().__init__(", ".join(f"{t}-{p} at {o}" for (t, p), o in applied.items()))
+        self.applied = applied
 
 
 @dataclass(slots=True)
@@ -59,6 +93,11 @@ class BatchWrite:
     moved_from: dict[str, str] = field(default_factory=dict)
     deleted: dict[str, str | None] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    expected: dict[tuple[str, int], int | None] = field(default_factory=dict)
+    tally: Counter[tuple[str, ...]] = field(default_factory=Counter)  # counted once written
+    pending: set[str] = field(default_factory=set)
+    assigned_pending: set[str] = field(default_factory=set)
 
     def delete(self, user_id: str, segment: str | None) -> None:
         """Forget the user; `segment` is their current one (maybe set in this batch).
@@ -68,10 +107,12 @@ class BatchWrite:
         """
         self.profiles.pop(user_id, None)
         self.segments.pop(user_id, None)
+        self.pending.discard(user_id)
+        self.assigned_pending.add(user_id)
         self.deleted[user_id] = self.moved_from.pop(user_id, segment)
 
     def __bool__(self) -> bool:
-        return bool(self.profiles or self.deleted or self.offsets)
+        return bool(self.profiles or self.deleted or self.offsets or self.assigned_pending)
 
 
 class RedisStore:
@@ -83,6 +124,8 @@ class RedisStore:
         "expire_members",
         "checkpoint",
         "load_model",
+        "model_lease",
+        "load_pending",
     )
 
     def __init__(
@@ -94,6 +137,11 @@ class RedisStore:
         self._metrics = metrics
         self._backoff = backoff
         self.healthy = False
+        # The lease, the state and its revision live in one hash (`seg:model`), so these
+        # scripts touch one key and run unchanged on a Redis Cluster.
+        self._claim = client.register_script(_CLAIM_LEASE)
+        self._release = client.register_script(_RELEASE_LEASE)
+        self._publish = client.register_script(_PUBLISH_MODEL)
         for operation in self.OPERATIONS:  # exported at 0 from the start, for dashboards
             metrics.redis_errors.labels(operation)
 
@@ -141,8 +189,19 @@ class RedisStore:
         keys, ttl = self._keys, self._ttl_s
 
         def transaction() -> dict[str, int]:
+            while True:
+                try:
+                    return fenced_transaction()
+                except WatchError:
+                    continue  # another worker wrote offsets meanwhile: check again
+
+        def fenced_transaction() -> dict[str, int]:
             now_ms = int(time.time() * 1000)
             pipe = self._redis.pipeline(transaction=True)
+            pipe.watch(keys.offsets)  # type: ignore[no-untyped-call]
+            if batch.expected:
+                self._refuse_stale(pipe, batch.expected)
+            pipe.multi()
             for user_id, segment in batch.deleted.items():
                 pipe.delete(keys.user(user_id), keys.profile(user_id))
                 if segment is not None:
@@ -169,6 +228,10 @@ class RedisStore:
                 )
             if segments:
                 pipe.sadd(keys.segments, *(snap.id for snap in segments))
+            if batch.pending:
+                pipe.sadd(keys.pending, *batch.pending)
+            if batch.assigned_pending:
+                pipe.srem(keys.pending, *batch.assigned_pending)
             if batch.offsets:
                 pipe.hset(
                     keys.offsets,
@@ -192,6 +255,23 @@ class RedisStore:
 
         return self._call("write", transaction)
 
+    def _refuse_stale(self, pipe: Any, expected: dict[tuple[str, int], int | None]) -> None:
+        """Raise StaleBatch when Redis's applied offset of any partition this worker owns is
+        not the one it last wrote: another worker has written there, so this one lost the
+        partition in a rebalance it has not noticed yet and must not overwrite anything.
+        All owned partitions are checked, not only the batch's: a user's clicks and orders
+        come from two partitions, and a write fed by one must not undo the other's."""
+        fields = [f"{topic}:{partition}" for topic, partition in expected]
+        stored = pipe.hmget(self._keys.offsets, fields)
+        moved = {
+            tp: int(value)
+            for (tp, mine), value in zip(expected.items(), stored, strict=True)
+            if value is not None and int(value) != mine
+        }
+        if moved:
+            pipe.reset()
+            raise StaleBatch(moved)
+
     def expire_members(self, segment_ids: Iterable[str]) -> int:
         """Drop users whose keys expired (inactive past the TTL) from segment membership."""
         cutoff = int(time.time() * 1000) - self._ttl_s * 1000
@@ -204,12 +284,36 @@ class RedisStore:
 
         return self._call("expire_members", expire)
 
-    def save_model(self, state: bytes) -> None:
-        self._call("checkpoint", lambda: self._redis.set(self._keys.model, state))
+    def pending_users(self) -> list[str]:
+        members = self._call("load_pending", lambda: self._redis.smembers(self._keys.pending))
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
-    def load_model(self) -> bytes | None:
-        blob = self._call("load_model", lambda: self._redis.get(self._keys.model))
-        return blob.encode() if isinstance(blob, str) else blob
+    def claim_model_lease(self, worker_id: str, ttl_ms: int) -> bool:
+        """Become (or stay) the one worker that trains and publishes the model."""
+        claimed = self._call(
+            "model_lease", lambda: self._claim(keys=[self._keys.model], args=[worker_id, ttl_ms])
+        )
+        return bool(claimed)
+
+    def release_model_lease(self, worker_id: str) -> None:
+        self._call("model_lease", lambda: self._release(keys=[self._keys.model], args=[worker_id]))
+
+    def publish_model(self, worker_id: str, state: bytes, revision: int) -> bool:
+        """Publish a model state if this worker still holds the lease."""
+        published = self._call(
+            "checkpoint",
+            lambda: self._publish(keys=[self._keys.model], args=[worker_id, state, revision]),
+        )
+        return bool(published)
+
+    def load_model(self) -> tuple[int, bytes] | None:
+        """The published (revision, state), or None before the first publication."""
+        revision, state = self._call(
+            "load_model", lambda: self._redis.hmget(self._keys.model, ["revision", "state"])
+        )
+        if revision is None or state is None:
+            return None
+        return int(revision), state.encode() if isinstance(state, str) else state
 
 
 class KafkaOutbox:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -27,6 +28,10 @@ from worker.profiles import Position
 from worker.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+
+class TopicLayoutError(RuntimeError):
+    """The input topics cannot be consumed correctly as they are laid out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +68,17 @@ class KafkaSource:
         backoff: Backoff,
         applied_offsets: Callable[[list[tuple[str, int]]], dict[tuple[str, int], int]],
         on_revoked: Callable[[set[tuple[str, int]]], None],
+        on_assigned: Callable[[dict[tuple[str, int], int | None]], None] = lambda _: None,
     ) -> None:
         """`applied_offsets` maps partitions to the last offset Redis has applied;
-        `on_revoked` lets the app forget state of partitions it lost."""
+        `on_revoked` lets the app forget state of partitions it lost, `on_assigned` tells
+        it what Redis has applied in the partitions it got."""
         self._settings = settings
         self._metrics = metrics
         self._backoff = backoff
         self._applied_offsets = applied_offsets
         self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
         self._consumer: KafkaConsumer | None = None
         self._next: dict[TopicPartition, int] = {}
 
@@ -89,12 +97,33 @@ class KafkaSource:
                 session_timeout_ms=s.session_timeout_ms,
                 heartbeat_interval_ms=s.heartbeat_interval_ms,
                 max_poll_interval_ms=s.max_poll_interval_ms,
+                # Range assignment gives partition p of both input topics to the same
+                # worker, so each user's clicks and orders meet in one profile.
+                partition_assignment_strategy=[RangePartitionAssignor],
             ),
             retry_on=(KafkaError,),
             on_error=lambda _: self._metrics.kafka_errors.labels("connect").inc(),
         )
+        self._check_co_partitioned()
         self._consumer.subscribe(list(s.input_topics), listener=_Listener(self))
         log.info("joined consumer group %s for topics %s", s.group_id, ", ".join(s.input_topics))
+
+    def _check_co_partitioned(self) -> None:
+        """Both input topics must exist with the same partition count (see connect)."""
+
+        def counts() -> dict[str, int]:
+            found = {t: self.consumer.partitions_for_topic(t) for t in self._settings.input_topics}
+            missing = [t for t, partitions in found.items() if not partitions]
+            if missing:
+                raise KafkaError(f"topic(s) {', '.join(missing)} do not exist yet")
+            return {t: len(partitions) for t, partitions in found.items()}
+
+        found = self._backoff.call("finding the input topics", counts, retry_on=(KafkaError,))
+        if len(set(found.values())) > 1:
+            raise TopicLayoutError(
+                "the input topics must have the same number of partitions, so that a "
+                f"user's clicks and purchases reach the same worker; found {found}"
+            )
 
     @property
     def consumer(self) -> KafkaConsumer:
@@ -152,6 +181,18 @@ class KafkaSource:
             on_error=lambda _: self._metrics.kafka_errors.labels("commit").inc(),
         )
 
+    def rewind(
+        self, applied: dict[tuple[str, int], int], first: dict[tuple[str, int], int]
+    ) -> None:
+        """Seek each still-assigned partition of a discarded batch back to the record after
+        the last one Redis applied (or to the batch's start if Redis has none)."""
+        assigned = self.assignment
+        for (topic, partition), start in first.items():
+            tp = TopicPartition(topic, partition)
+            if tp in assigned:
+                last = applied.get((topic, partition))
+                self.consumer.seek(tp, last + 1 if last is not None else start)
+
     def update_lag(self) -> None:
         """Lag from the high watermark the last fetch reported: no extra broker call."""
         for tp in self.assignment:
@@ -175,6 +216,9 @@ class KafkaSource:
             if last is not None:
                 self.consumer.seek(tp, last + 1)
         log.info("assigned %s", _names(partitions))
+        self._on_assigned(
+            {(tp.topic, tp.partition): applied.get((tp.topic, tp.partition)) for tp in partitions}
+        )
 
     def _revoked(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:

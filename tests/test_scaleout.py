@@ -1,0 +1,97 @@
+"""Three workers on six partitions, one killed mid-stream: one model, nothing lost or doubled."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from conftest import applied, differing, profiles, wait_for
+from test_chaos import worker_env
+
+from config.settings import ModelSettings, ProfileSettings, Settings
+from schemas.records import RedisKeys
+from worker.features import FeatureExtractor
+from worker.generator import generate
+from worker.model import SegmentModel
+from worker.profiles import Profile
+from worker.replay import produce
+from worker.source import ensure_topics
+
+pytestmark = pytest.mark.integration
+COMMAND = [sys.executable, "-m", "worker", "run", "--stop-after-idle", "15"]
+
+
+def published(client: redis.Redis, prefix: str) -> dict[str, Any] | None:
+    state = client.hget(RedisKeys(prefix).model, "state")
+    return orjson.loads(state) if state else None
+
+
+def test_three_workers_one_killed_share_one_model_and_lose_nothing(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    ensure_topics(settings.kafka, partitions=6)
+    shop = generate(users=600, events=12_000, seed=71)
+    produce(shop.events, settings)
+    users = set(shop.truth)
+
+    reference = subprocess.run(
+        [*COMMAND[:-1], "3"],
+        env=worker_env(settings, "ref", "reference"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    # A long publication interval: after seeding (revision 1) every worker assigns with the
+    # same published revision for the whole run, so agreement can be checked exactly.
+    env = worker_env(settings, "seg", "group") | {"SEGMENT_MODEL_CHECKPOINT_INTERVAL_S": "600"}
+    workers = [
+        subprocess.Popen(
+            COMMAND, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    first: dict[str, Any] = {}
+
+    def seeded() -> bool:
+        state = published(redis_client, "seg")
+        if state is not None and not first:
+            first.update(state)
+        return bool(first)
+
+    wait_for(seeded, timeout=120, what="the first published model")
+    wait_for(
+        lambda: applied(redis_client, "seg") > len(shop.events) // 3,
+        timeout=300,
+        what="a third of the stream applied",
+    )
+    victim = workers.pop(random.Random(5).randrange(3))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    assert applied(redis_client, "seg") == len(shop.events)
+
+    expected, got = profiles(redis_client, "ref", users), profiles(redis_client, "seg", users)
+    bad = differing(expected, got)
+    assert not bad
+
+    # every segment was assigned by the one published revision, whichever worker held the user
+    assert first["revision"] == 1
+    model = SegmentModel.from_state(ModelSettings(n_clusters=first["n_clusters"]), first)
+    extract, keys = FeatureExtractor(ProfileSettings()), RedisKeys("seg")
+    disagreeing = []
+    for user in users:
+        profile = Profile.decode(redis_client.get(keys.profile(user)))  # type: ignore[arg-type]
+        stored = redis_client.hget(keys.user(user), "segment")
+        if model.assign(extract(profile)).segment != (stored or b"").decode():
+            disagreeing.append(user)
+    assert not disagreeing, f"{len(disagreeing)} users disagree, e.g. {disagreeing[:3]}"

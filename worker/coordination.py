@@ -1,0 +1,120 @@
+"""One model for every worker of the consumer group, shared through Redis.
+
+The worker holding the lease in `seg:model` trains a copy of the model (`trainer`) on the
+events of its partitions, a uniform sample of users since partitions hash user ids, and
+publishes it as a new revision every `model.checkpoint_interval_s`. Every worker, the
+leader included, assigns with the latest published revision (`model`). So a profile gets
+the same segment from whichever worker holds its partition, segments move in steps all
+workers take together, and when the leader dies the next worker to claim the expired
+lease (three intervals) goes on training from the last publication.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from config.settings import ModelSettings
+from worker.metrics import Metrics
+from worker.model import SegmentModel
+from worker.sink import RedisStore
+
+log = logging.getLogger(__name__)
+
+
+class ModelCoordinator:
+    def __init__(
+        self, settings: ModelSettings, store: RedisStore, metrics: Metrics, worker_id: str
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._metrics = metrics
+        self._worker_id = worker_id
+        self._lease_ms = int(3 * settings.checkpoint_interval_s * 1000)
+        self.model = SegmentModel(settings)
+        self.trainer: SegmentModel | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self.trainer is not None
+
+    def learn(self, user_id: str, x: dict[str, float], event_ts: int) -> bool:
+        """Train on a profile when leading; True when warm-up just ended (publish now)."""
+        return self.trainer is not None and self.trainer.learn_one(user_id, x, event_ts)
+
+    def forget(self, user_id: str) -> None:
+        if self.trainer is not None:
+            self.trainer.forget(user_id)
+
+    def sync(self, publish: bool = True) -> bool:
+        """Claim or renew the lease and publish when leading (with `publish`), and adopt
+        any newer publication. Returns True when the model used for assignment changed.
+        """
+        if publish:
+            self._lead_and_publish()
+        published = self._store.load_model()
+        if published is not None and published[0] > self.model.revision:
+            return self._adopt(self._parse(published[1]))
+        return False
+
+    def _lead_and_publish(self) -> None:
+        leading = self._store.claim_model_lease(self._worker_id, self._lease_ms)
+        self._metrics.model_leader.set(int(leading))
+        if leading and self.trainer is None:
+            self.trainer = self._published() or SegmentModel(self._settings)
+            log.info("this worker now trains the model (from revision %d)", self.trainer.revision)
+        elif not leading and self.trainer is not None:
+            log.info("another worker holds the model lease now; following it")
+            self.trainer = None
+        if self.trainer is not None and self.trainer.ready:
+            self.trainer.revision += 1
+            self.trainer.rename()
+            state = self.trainer.to_state()
+            if self._store.publish_model(
+                self._worker_id, orjson.dumps(state), self.trainer.revision
+            ):
+                self._metrics.checkpoints.inc()
+                log.info(
+                    "published model v%d revision %d", self.trainer.version, self.trainer.revision
+                )
+            else:
+                self.trainer = None  # the lease expired between claim and publish
+
+    def release(self) -> None:
+        """Hand training to another worker at once instead of after the lease expires."""
+        if self.trainer is not None:
+            self._store.release_model_lease(self._worker_id)
+            self.trainer = None
+
+    def _published(self) -> SegmentModel | None:
+        published = self._store.load_model()
+        if published is None:
+            return None
+        state = self._parse(published[1])
+        return self._build(state) if state is not None else None
+
+    def _parse(self, blob: bytes) -> dict[str, Any] | None:
+        try:
+            state = orjson.loads(blob)
+        except orjson.JSONDecodeError as exc:
+            log.error("published model is not JSON (%s); ignoring it", exc)
+            return None
+        return state if isinstance(state, dict) else None
+
+    def _build(self, state: dict[str, Any]) -> SegmentModel | None:
+        try:
+            return SegmentModel.from_state(self._settings, state)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("published model unusable (%s); a fresh model will replace it", exc)
+            return None
+
+    def _adopt(self, state: dict[str, Any] | None) -> bool:
+        model = self._build(state) if state is not None else None
+        if model is None:
+            return False
+        self.model = model
+        self._metrics.model_version.set(model.version)
+        self._metrics.model_revision.set(model.revision)
+        return True
