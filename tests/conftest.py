@@ -7,6 +7,7 @@ tests share the servers (starting them is the slow part) but never each other's 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import time
@@ -111,6 +112,30 @@ def start_worker() -> Iterator[Callable[..., RunningWorker]]:
     for running in started:
         running.stop.set()
         running.thread.join(30)
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a `segment-worker` process with these settings (and `extra`)."""
+    k = settings.kafka
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SEGMENT_")}
+    return (
+        env
+        | {
+            "SEGMENT_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
+            "SEGMENT_KAFKA_GROUP_ID": k.group_id,
+            "SEGMENT_KAFKA_CLICKSTREAM_TOPIC": k.clickstream_topic,
+            "SEGMENT_KAFKA_PURCHASES_TOPIC": k.purchases_topic,
+            "SEGMENT_KAFKA_DLQ_TOPIC": k.dlq_topic,
+            "SEGMENT_KAFKA_CHANGES_TOPIC": k.changes_topic,
+            "SEGMENT_KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "SEGMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+            "SEGMENT_REDIS_URL": settings.redis.url,
+            "SEGMENT_METRICS_PORT": "0",
+            "SEGMENT_MODEL_WARMUP_USERS": "100",
+            "SEGMENT_WORKER_RETRY_MAX_S": "1",
+        }
+        | extra
+    )
 
 
 def applied(client: redis.Redis, prefix: str) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import applied, differing, profiles, wait_for
+from conftest import applied, differing, profiles, wait_for, worker_env
 
 from config.settings import Settings
 from schemas.records import RedisKeys
@@ -31,25 +31,14 @@ EVENTS = int(os.environ.get("CHAOS_EVENTS", "10000"))
 KILLS = 3
 
 
-def worker_env(settings: Settings, prefix: str, group: str) -> dict[str, str]:
-    k = settings.kafka
-    env = {n: v for n, v in os.environ.items() if not n.startswith("SEGMENT_")}
-    return env | {
-        "SEGMENT_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
-        "SEGMENT_KAFKA_GROUP_ID": group,
-        "SEGMENT_KAFKA_CLICKSTREAM_TOPIC": k.clickstream_topic,
-        "SEGMENT_KAFKA_PURCHASES_TOPIC": k.purchases_topic,
-        "SEGMENT_KAFKA_DLQ_TOPIC": k.dlq_topic,
-        "SEGMENT_KAFKA_CHANGES_TOPIC": k.changes_topic,
-        "SEGMENT_KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "SEGMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
-        "SEGMENT_KAFKA_MAX_POLL_RECORDS": "500",
-        "SEGMENT_REDIS_URL": settings.redis.url,
-        "SEGMENT_REDIS_KEY_PREFIX": prefix,
-        "SEGMENT_METRICS_PORT": "0",
-        "SEGMENT_MODEL_WARMUP_USERS": "100",
-        "SEGMENT_MODEL_CHECKPOINT_INTERVAL_S": "1",
-    }
+def chaos_env(settings: Settings, prefix: str, group: str) -> dict[str, str]:
+    return worker_env(
+        settings,
+        SEGMENT_REDIS_KEY_PREFIX=prefix,
+        SEGMENT_KAFKA_GROUP_ID=group,
+        SEGMENT_KAFKA_MAX_POLL_RECORDS="500",
+        SEGMENT_MODEL_CHECKPOINT_INTERVAL_S="1",
+    )
 
 
 def test_sigkill_at_random_moments_changes_nothing(
@@ -62,7 +51,7 @@ def test_sigkill_at_random_moments_changes_nothing(
 
     reference = subprocess.run(
         [*command, "--stop-after-idle", "3"],
-        env=worker_env(settings, "ref", "reference"),
+        env=chaos_env(settings, "ref", "reference"),
         capture_output=True,
         text=True,
         timeout=900,
@@ -72,7 +61,7 @@ def test_sigkill_at_random_moments_changes_nothing(
 
     rng = random.Random(7)
     moments = sorted(rng.uniform(0.1, 0.8) * EVENTS for _ in range(KILLS))
-    env = worker_env(settings, "seg", "chaos")
+    env = chaos_env(settings, "seg", "chaos")
     log = (tmp_path / "chaos.log").open("w")
     for moment in moments:
         worker = subprocess.Popen(command, env=env, stderr=log, stdout=subprocess.DEVNULL)

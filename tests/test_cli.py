@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import wait_for
+from conftest import wait_for, worker_env
 
 from config.settings import Settings
 from schemas.reader import SegmentReader
@@ -22,33 +22,10 @@ pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "worker"]
 
 
-def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    k = settings.kafka
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SEGMENT_")}
-    return (
-        env
-        | {
-            "SEGMENT_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
-            "SEGMENT_KAFKA_GROUP_ID": k.group_id,
-            "SEGMENT_KAFKA_CLICKSTREAM_TOPIC": k.clickstream_topic,
-            "SEGMENT_KAFKA_PURCHASES_TOPIC": k.purchases_topic,
-            "SEGMENT_KAFKA_DLQ_TOPIC": k.dlq_topic,
-            "SEGMENT_KAFKA_CHANGES_TOPIC": k.changes_topic,
-            "SEGMENT_KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "SEGMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
-            "SEGMENT_REDIS_URL": settings.redis.url,
-            "SEGMENT_METRICS_PORT": "0",
-            "SEGMENT_MODEL_WARMUP_USERS": "100",
-            "SEGMENT_WORKER_RETRY_MAX_S": "1",
-        }
-        | extra
-    )
-
-
 def test_generate_to_kafka_then_run_until_idle(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    env = env_for(settings)
+    env = worker_env(settings)
     truth = tmp_path / "truth.csv"
     generated = subprocess.run(
         [*CLI, "generate", "--users", "300", "--events", "5000", "--kafka", "--truth", str(truth)],
@@ -103,7 +80,7 @@ def test_bad_setting_fails_at_start_naming_it(
 ) -> None:
     ran = subprocess.run(
         [*CLI, "run"],
-        env=env_for(settings, **{name: value}),
+        env=worker_env(settings, **{name: value}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -116,7 +93,7 @@ def test_bad_setting_fails_at_start_naming_it(
 def test_redis_down_at_start_is_retried_not_a_crash(settings: Settings, tmp_path: Path) -> None:
     ensure_topics(settings.kafka, partitions=1)
     port = free_port()
-    env = env_for(settings, SEGMENT_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    env = worker_env(settings, SEGMENT_REDIS_URL=f"redis://127.0.0.1:{port}/0")
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
         worker = subprocess.Popen(
@@ -141,7 +118,7 @@ def test_sigterm_drains_and_exits_zero(settings: Settings, tmp_path: Path) -> No
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
         worker = subprocess.Popen(
-            [*CLI, "run"], env=env_for(settings), stderr=stderr, stdout=subprocess.DEVNULL
+            [*CLI, "run"], env=worker_env(settings), stderr=stderr, stdout=subprocess.DEVNULL
         )
     wait_for(lambda: "joined consumer group" in log.read_text(), what="the worker to join")
     worker.send_signal(signal.SIGTERM)
@@ -187,7 +164,7 @@ def test_replay_validates_rows_reports_line_numbers_and_sends_the_rest(
         f.write(b"\n".join(lines) + b"\n")
     ran = subprocess.run(
         [*CLI, "replay", str(jsonl), "--topic", settings.kafka.clickstream_topic],
-        env=env_for(settings),
+        env=worker_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
@@ -219,7 +196,7 @@ def test_replay_validates_rows_reports_line_numbers_and_sends_the_rest(
             "--map",
             "ts=timestamp",
         ],
-        env=env_for(settings),
+        env=worker_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
@@ -251,7 +228,7 @@ def test_json_logs_are_one_object_per_line(settings: Settings, tmp_path: Path) -
     ensure_topics(settings.kafka, partitions=1)
     ran = subprocess.run(
         [*CLI, "run", "--log-format", "json", "--stop-after-idle", "1"],
-        env=env_for(settings),
+        env=worker_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
@@ -287,7 +264,7 @@ def test_input_topics_with_different_partition_counts_are_refused(settings: Sett
     )
     admin.close()
     ran = subprocess.run(
-        [*CLI, "run"], env=env_for(settings), capture_output=True, text=True, timeout=120
+        [*CLI, "run"], env=worker_env(settings), capture_output=True, text=True, timeout=120
     )
     assert ran.returncode == 2
     assert "same number of partitions" in ran.stdout + ran.stderr

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import redis
 from conftest import applied, differing, profiles, wait_for
-from test_chaos import worker_env
+from test_chaos import chaos_env
 
 from config.settings import ModelSettings, ProfileSettings, Settings
 from schemas.records import RedisKeys
@@ -42,7 +42,7 @@ def test_three_workers_one_killed_share_one_model_and_lose_nothing(
 
     reference = subprocess.run(
         [*COMMAND[:-1], "3"],
-        env=worker_env(settings, "ref", "reference"),
+        env=chaos_env(settings, "ref", "reference"),
         capture_output=True,
         text=True,
         timeout=600,
@@ -51,7 +51,7 @@ def test_three_workers_one_killed_share_one_model_and_lose_nothing(
 
     # A long publication interval: after seeding (revision 1) every worker assigns with the
     # same published revision for the whole run, so agreement can be checked exactly.
-    env = worker_env(settings, "seg", "group") | {"SEGMENT_MODEL_CHECKPOINT_INTERVAL_S": "600"}
+    env = chaos_env(settings, "seg", "group") | {"SEGMENT_MODEL_CHECKPOINT_INTERVAL_S": "600"}
     workers = [
         subprocess.Popen(
             COMMAND, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
