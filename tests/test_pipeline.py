@@ -337,3 +337,16 @@ def test_a_producer_retry_of_the_same_event_is_applied_once(
     keys = RedisKeys()
     for user_id, count in orders.items():
         assert orjson.loads(redis_client.get(keys.profile(user_id)))["orders"] == count
+
+
+def test_an_unreadable_published_model_is_replaced_not_a_crash(
+    settings: Settings, redis_client: redis.Redis, start_worker, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    keys = RedisKeys()
+    redis_client.hset(keys.model, mapping={"state": b"\x00 not json", "revision": 5})
+    shop, running = run_shop(settings, start_worker, 200, 3000, seed=27, partitions=2)
+    assert running.worker.model.ready  # a fresh model was trained and published
+    reader = SegmentReader(redis_client)
+    assert all(reader.get(u) is not None for u in shop.truth)
+    complaints = [r for r in caplog.records if "published model is not JSON" in r.getMessage()]
+    assert 1 <= len(complaints) <= 2  # reported, not repeated every second

@@ -35,6 +35,7 @@ class ModelCoordinator:
         self._lease_ms = int(3 * settings.checkpoint_interval_s * 1000)
         self.model = SegmentModel(settings)
         self.trainer: SegmentModel | None = None
+        self._unusable = -1  # revision of a publication that could not be read: say so once
 
     @property
     def leading(self) -> bool:
@@ -55,8 +56,13 @@ class ModelCoordinator:
         if publish:
             self._lead_and_publish()
         published = self._store.load_model()
-        if published is not None and published[0] > self.model.revision:
-            return self._adopt(self._parse(published[1]))
+        if published is None or published[0] <= self.model.revision:
+            return False
+        if published[0] == self._unusable:
+            return False
+        if self._adopt(self._parse(published[1])):
+            return True
+        self._unusable = published[0]
         return False
 
     def _lead_and_publish(self) -> None:
