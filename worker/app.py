@@ -238,7 +238,6 @@ class Worker:
         decoded = [self.decode(r.key, r.value, r.position) for r in records]
         self._load_missing(d.event.user_id for d in decoded if isinstance(d, Decoded))
         batch = BatchWrite()
-        invalid = skipped = 0
         for item in decoded:
             position = item.position
             batch.offsets[(position.topic, position.partition)] = position.offset
@@ -246,11 +245,10 @@ class Worker:
             if isinstance(item, DeadLetter):
                 self.outbox.dead_letter(item)
                 batch.tally[("invalid", item.reason)] += 1
-                invalid += 1
             elif isinstance(item.event, UserDeleted):
                 self._delete_user(batch, item.event, position.topic)
-            elif not self._apply(batch, item):
-                skipped += 1
+            else:
+                self._apply(batch, item)
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
         self.outbox.flush()
@@ -266,6 +264,7 @@ class Worker:
         for segment, size in sizes.items():
             self.metrics.segment_users.labels(segment).set(size)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
+        invalid, skipped = batch.total("invalid"), batch.total("skipped")
         return BatchStats(len(records) - invalid - skipped, invalid, skipped)
 
     def _count(self, batch: BatchWrite) -> None:
@@ -307,18 +306,18 @@ class Worker:
         for profile in self.store.load_profiles(missing).values():
             self.cache.put(profile)
 
-    def _apply(self, batch: BatchWrite, item: Decoded) -> bool:
-        """Fold one event into its user's profile and re-segment them; False if fenced."""
+    def _apply(self, batch: BatchWrite, item: Decoded) -> None:
+        """Fold one event into its user's profile and re-segment them, unless it is
+        already applied (fence) or a repeat of a recent event id."""
         event = item.event
         assert not isinstance(event, UserDeleted)
         profile = self.cache.get(event.user_id) or Profile(event.user_id)
         if profile.applied(item.position):
             batch.tally[("skipped", "replay")] += 1
-            return False
-        if profile.seen(event.event_id, item.position.topic):
+            return
+        if not self.updater.apply(profile, event, item.position):
             batch.tally[("skipped", "duplicate_event_id")] += 1
-            return False
-        self.updater.apply(profile, event, item.position)
+            return
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
@@ -331,7 +330,6 @@ class Worker:
             self.drift.update(assignment.distance, event.timestamp)
         else:
             batch.pending.add(profile.user_id)
-        return True
 
     def _assign(self, batch: BatchWrite, user_id: str, assignment: Assignment) -> None:
         profile = self.cache.get(user_id)

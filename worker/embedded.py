@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -45,7 +46,9 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     raise EmbeddedError(f"{name} did not listen on port {port} within 20s")
 
 
-class _ChildServer:
+class _ChildServer(ABC):
+    """A server binary run as a child process on a loopback port, in its own temp dir."""
+
     name = "server"
 
     def __init__(self, port: int | None = None) -> None:
@@ -53,8 +56,9 @@ class _ChildServer:
         self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
+    @abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The argv that starts the server on `self.port`."""
 
     def start(self) -> Self:
         log = self._dir / f"{self.name}.log"

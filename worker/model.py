@@ -88,8 +88,8 @@ class SegmentModel:
     def assign(self, x: dict[str, float]) -> Assignment:
         """The nearest segment to a profile, without learning from it."""
         z = self.scaler.transform_one(x)
-        index = min(self.kmeans.centers, key=lambda i: self._distance(z, i))
-        return Assignment(self.segments[index].id, self._distance(z, index))
+        distance, index = min((self._distance(z, i), i) for i in self.kmeans.centers)
+        return Assignment(self.segments[index].id, distance)
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
         """Distance (standardized units) from a profile to every segment's centre."""

@@ -107,7 +107,13 @@ class ProfileUpdater:
 
     def apply(
         self, profile: Profile, event: ClickEvent | PurchaseEvent, position: Position
-    ) -> None:
+    ) -> bool:
+        """Fold the event in; False, changing nothing, when its id is among the last ones
+        applied from its topic (a producer's retry)."""
+        digest = event_digest(event.event_id)
+        recent = profile.recent_ids.setdefault(position.topic, [])
+        if digest in recent:
+            return False
         weight = self._advance_clock(profile, event)
         if isinstance(event, ClickEvent) and self._starts_session(profile, event):
             profile.sessions += weight
@@ -121,9 +127,9 @@ class ProfileUpdater:
             if event.category is not None:
                 self._add_category(profile, event.category, weight)
         profile.fence[position.topic] = [position.partition, position.offset]
-        recent = profile.recent_ids.setdefault(position.topic, [])
-        recent.append(event_digest(event.event_id))
+        recent.append(digest)
         del recent[: max(len(recent) - self._dedupe_window, 0)]
+        return True
 
     def _advance_clock(self, profile: Profile, event: ClickEvent | PurchaseEvent) -> float:
         """Decay the profile up to the event's time; return the weight of the event."""

@@ -111,6 +111,10 @@ class BatchWrite:
         self.assigned_pending.add(user_id)
         self.deleted[user_id] = self.moved_from.pop(user_id, segment)
 
+    def total(self, kind: str) -> int:
+        """Records of one kind in the tally ("events", "invalid" or "skipped")."""
+        return sum(n for (k, *_), n in self.tally.items() if k == kind)
+
     def __bool__(self) -> bool:
         return bool(self.profiles or self.deleted or self.offsets or self.assigned_pending)
 
