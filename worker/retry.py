@@ -20,6 +20,11 @@ class Stopped(Exception):
     """Shutdown was requested while waiting to retry."""
 
 
+class Permanent(RuntimeError):
+    """A failure no retry can mend (refused credentials, topics laid out wrongly): the
+    worker exits with this message instead of retrying forever."""
+
+
 class Backoff:
     def __init__(self, initial_s: float, max_s: float, stop: threading.Event) -> None:
         self._initial = initial_s
@@ -32,8 +37,10 @@ class Backoff:
         action: Callable[[], T],
         retry_on: tuple[type[BaseException], ...],
         on_error: Callable[[BaseException], None] = lambda _: None,
+        unless: tuple[type[BaseException], ...] = (),
     ) -> T:
-        """Run `action` until it succeeds, sleeping with jitter between failures.
+        """Run `action` until it succeeds, sleeping with jitter between failures of the
+        kinds in `retry_on` except those in `unless`, which are raised at once.
 
         A shutdown request during the wait raises `Stopped`: the work is abandoned
         uncommitted, which is safe because whoever owns the partition next replays it.
@@ -44,6 +51,8 @@ class Backoff:
             try:
                 return action()
             except retry_on as exc:
+                if isinstance(exc, unless):
+                    raise
                 attempt += 1
                 on_error(exc)
                 wait = random.uniform(delay / 2, delay)

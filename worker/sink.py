@@ -26,7 +26,7 @@ import orjson
 import redis
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
-from redis.exceptions import BusyLoadingError, ReadOnlyError, WatchError
+from redis.exceptions import AuthenticationError, BusyLoadingError, ReadOnlyError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -35,7 +35,7 @@ from schemas.records import KEY_FORMAT, RedisKeys, SegmentChange, UserSegment
 from worker.decode import DeadLetter
 from worker.metrics import Metrics
 from worker.profiles import DAY_MS, Profile
-from worker.retry import Backoff
+from worker.retry import Backoff, Permanent
 from worker.source import kafka_client_config
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,29 @@ redis.call('HSET', KEYS[1], 'state', ARGV[2], 'revision', ARGV[3])
 return 1
 """
 REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError)
+
+
+def connect(settings: RedisSettings) -> redis.Redis:
+    """A client for `redis.url`; a rediss:// one verifies the server with the CA file
+    (else the system's CAs) and presents the client certificate if one is set."""
+    tls: dict[str, Any] = {}
+    if settings.url.startswith("rediss://"):
+        files = {
+            "ssl_ca_certs": settings.ssl_ca_file,
+            "ssl_certfile": settings.ssl_cert_file,
+            "ssl_keyfile": settings.ssl_key_file,
+        }
+        tls = {name: path for name, path in files.items() if path}
+    return redis.Redis.from_url(
+        settings.url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        **tls,
+    )
+
+
+class RedisRejected(Permanent):
+    """Redis refused the credentials of `redis.url`."""
 
 
 class StaleBatch(Exception):
@@ -153,20 +176,34 @@ class RedisStore:
     def keys(self) -> RedisKeys:
         return self._keys
 
-    def _call(self, operation: str, action: Callable[[], T]) -> T:
+    def _call(
+        self,
+        operation: str,
+        action: Callable[[], T],
+        unless: tuple[type[BaseException], ...] = (),
+    ) -> T:
         def failed(exc: BaseException) -> None:
             self.healthy = False
             self._metrics.redis_errors.labels(operation).inc()
 
         result = self._backoff.call(
-            f"Redis {operation}", action, retry_on=REDIS_TRANSIENT, on_error=failed
+            f"Redis {operation}", action, REDIS_TRANSIENT, on_error=failed, unless=unless
         )
         self.healthy = True
         return result
 
     def ping(self) -> None:
-        """Check Redis answers, and record the key format this worker writes."""
-        self._call("ping", lambda: self._redis.set(self._keys.format, KEY_FORMAT))
+        """Check Redis answers, and record the key format this worker writes. Refused
+        credentials at start are a configuration error, not an outage to wait out (later,
+        as during a password rotation, they are retried like any other failure)."""
+        try:
+            self._call(
+                "ping",
+                lambda: self._redis.set(self._keys.format, KEY_FORMAT),
+                unless=(AuthenticationError,),
+            )
+        except AuthenticationError as exc:
+            raise RedisRejected(f"Redis refused the credentials in redis.url: {exc}") from None
 
     def load_profiles(self, user_ids: list[str]) -> dict[str, Profile]:
         if not user_ids:

@@ -25,12 +25,12 @@ from kafka.structs import OffsetAndMetadata
 from config.settings import KafkaSettings
 from worker.metrics import Metrics
 from worker.profiles import Position
-from worker.retry import Backoff
+from worker.retry import Backoff, Permanent
 
 log = logging.getLogger(__name__)
 
 
-class TopicLayoutError(RuntimeError):
+class TopicLayoutError(Permanent):
     """The input topics cannot be consumed correctly as they are laid out."""
 
 
@@ -55,8 +55,9 @@ def kafka_client_config(settings: KafkaSettings) -> dict[str, object]:
             "sasl_plain_username": settings.sasl_username,
             "sasl_plain_password": settings.sasl_password,
         }
-    if settings.ssl_cafile:
-        config["ssl_cafile"] = settings.ssl_cafile
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if getattr(settings, name):
+            config[name] = getattr(settings, name)
     return config
 
 
