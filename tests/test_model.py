@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 
 import orjson
 import pytest
 
 from config.settings import ModelSettings, ProfileSettings
 from schemas import EVENT_ADAPTER
+from worker.drift import FitDrift
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
 from worker.model import SegmentModel, describe
@@ -39,8 +41,8 @@ def test_warm_up_then_k_means_plus_plus_seeding() -> None:
     model = SegmentModel(ModelSettings(n_clusters=3, warmup_users=10, seed=1))
     points = {f"u{i}": {name: float(i % 3) * 5 + 0.1 * i for name in FEATURES} for i in range(10)}
     for i, (user_id, x) in enumerate(points.items()):
-        seeded = model.learn_one(user_id, x, 1000 + i)
-        assert seeded == (i == 9) and model.ready == (i == 9)
+        learned = model.learn_one(user_id, x, 1000 + i)
+        assert learned.seeded == (i == 9) and model.ready == (i == 9)
     assert model.version == 1
     assert sorted(s.id for s in model.segments.values()) == ["s1", "s2", "s3"]
     # three well-separated groups: each group shares one segment, each its own
@@ -71,6 +73,31 @@ def test_checkpoint_round_trip_assigns_identically(model_and_profiles) -> None: 
         a, b = model.assign(x), restored.assign(x)
         assert a.segment == b.segment
         assert a.distance == pytest.approx(b.distance)
+
+
+def test_checkpoint_carries_the_drift_detector(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+    model, _ = model_and_profiles
+    state = orjson.loads(orjson.dumps(model.to_state()))
+    assert len(state["drift"]["fit"]) == FitDrift.HISTORY
+    restored = SegmentModel.from_state(SETTINGS, state)
+    assert restored.fit_drift.to_state() == state["drift"]["fit"]
+    # the restored window is the last HISTORY distances, the original may be longer
+    assert restored.fit_drift.level == pytest.approx(model.fit_drift.level, rel=0.05)
+    # a checkpoint written before detectors were part of it still loads
+    del state["drift"]
+    assert SegmentModel.from_state(SETTINGS, state).fit_drift.to_state() == []
+
+
+def test_fit_detector_fires_on_a_shift_and_stays_quiet_without_one() -> None:
+    rng = random.Random(3)
+    detector = FitDrift()
+    stationary = [detector.update(rng.gauss(1.0, 0.3)) for _ in range(20_000)]
+    assert not any(stationary)
+    shifted = [detector.update(rng.gauss(1.6, 0.3)) for _ in range(2000)]
+    assert any(shifted[:500]), "a shift of two standard deviations went unnoticed"
+    # the restored detector has the same reference: it does not fire on what it has seen
+    restored = FitDrift(history=detector.to_state())
+    assert not any(restored.update(rng.gauss(1.6, 0.3)) for _ in range(2000))
 
 
 def test_incompatible_checkpoint_is_refused(model_and_profiles) -> None:  # type: ignore[no-untyped-def]

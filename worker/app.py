@@ -26,7 +26,7 @@ from schemas.events import UserDeleted
 from schemas.records import SegmentChange, UserSegment
 from worker.coordination import ModelCoordinator
 from worker.decode import REASONS, DeadLetter, Decoded, Decoder
-from worker.drift import DriftMonitor
+from worker.drift import DriftReport
 from worker.features import FeatureExtractor
 from worker.health import HealthServer
 from worker.metrics import Metrics
@@ -93,7 +93,7 @@ class Worker:
         self._pending_check = False
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
-        self.drift = DriftMonitor(metrics)
+        self.report_drift = DriftReport(metrics)
         self.health = HealthServer(
             metrics, self.why_not_ready, settings.metrics.host, settings.metrics.port
         )
@@ -322,12 +322,13 @@ class Worker:
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
         x = self.features(profile)
-        if self.coordinator.learn(profile.user_id, x, event.timestamp):
-            self._sync_now = True
+        learned = self.coordinator.learn(profile.user_id, x, event.timestamp)
+        if learned.seeded:
+            self._sync_now = True  # publish the first model now, not at the next interval
+        if learned.drift_level is not None:
+            self.report_drift("fit", learned.drift_level, event.timestamp)
         if self.model.ready:
-            assignment = self.model.assign(x)
-            self._assign(batch, profile.user_id, assignment)
-            self.drift.update(assignment.distance, event.timestamp)
+            self._assign(batch, profile.user_id, self.model.assign(x))
         else:
             batch.pending.add(profile.user_id)
 

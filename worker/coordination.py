@@ -18,7 +18,7 @@ import orjson
 
 from config.settings import ModelSettings
 from worker.metrics import Metrics
-from worker.model import SegmentModel
+from worker.model import Learned, SegmentModel
 from worker.sink import RedisStore
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,11 @@ class ModelCoordinator:
     def leading(self) -> bool:
         return self.trainer is not None
 
-    def learn(self, user_id: str, x: dict[str, float], event_ts: int) -> bool:
-        """Train on a profile when leading; True when warm-up just ended (publish now)."""
-        return self.trainer is not None and self.trainer.learn_one(user_id, x, event_ts)
+    def learn(self, user_id: str, x: dict[str, float], event_ts: int) -> Learned:
+        """Train on a profile when leading (a follower learns nothing)."""
+        if self.trainer is None:
+            return Learned()
+        return self.trainer.learn_one(user_id, x, event_ts)
 
     def forget(self, user_id: str) -> None:
         if self.trainer is not None:

@@ -27,9 +27,19 @@ from river import cluster, preprocessing
 from sklearn.cluster import KMeans as BatchKMeans
 
 from config.settings import ModelSettings
+from worker.drift import FitDrift
 from worker.features import FEATURES
 
 CHECKPOINT_FORMAT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """What learning one profile revealed: warm-up just ended (`seeded`), or the fit
+    detector fired (`drift_level`, the mean distance it now sees)."""
+
+    seeded: bool = False
+    drift_level: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,23 +70,27 @@ class SegmentModel:
         self.segments: dict[int, Segment] = {}
         self._next_id = 1
         self._warmup: dict[str, dict[str, float]] = {}
+        self.fit_drift = FitDrift()
 
     @property
     def ready(self) -> bool:
         return self.version > 0
 
-    def learn_one(self, user_id: str, x: dict[str, float], event_ts: int) -> bool:
-        """Learn from one profile; True when this call completed warm-up and seeded."""
+    def learn_one(self, user_id: str, x: dict[str, float], event_ts: int) -> Learned:
+        """Learn from one profile, watching how far it lands from the segment centres."""
         self.scaler.learn_one(x)
         if self.ready:
-            self.kmeans.learn_one(self.scaler.transform_one(x))
-            return False
+            z = self.scaler.transform_one(x)
+            distance = min(self._distance(z, i) for i in self.kmeans.centers)
+            self.kmeans.learn_one(z)
+            drifted = self.fit_drift.update(distance)
+            return Learned(drift_level=self.fit_drift.level if drifted else None)
         self._warmup[user_id] = x
         if len(self._warmup) < self._settings.warmup_users:
-            return False
+            return Learned()
         self._seed(event_ts)
         self._warmup = {}
-        return True
+        return Learned(seeded=True)
 
     def forget(self, user_id: str) -> None:
         """Drop a deleted user from the warm-up buffer."""
@@ -154,6 +168,7 @@ class SegmentModel:
             "segments": {
                 str(i): {"id": s.id, "created_at": s.created_at} for i, s in self.segments.items()
             },
+            "drift": {"fit": self.fit_drift.to_state()},
         }
 
     @classmethod
@@ -182,6 +197,8 @@ class SegmentModel:
         model.version = int(state["version"])
         model.revision = int(state["revision"])
         model._next_id = int(state["next_id"])
+        # absent from checkpoints written before detectors were part of the model
+        model.fit_drift = FitDrift(history=state.get("drift", {}).get("fit", []))
         if model.ready:
             model.rename()
         return model
