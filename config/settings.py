@@ -122,7 +122,7 @@ class ProfileSettings(_Section):
 class ModelSettings(_Section):
     algorithm: Literal["kmeans"] = "kmeans"
     n_clusters: Annotated[int, Field(ge=2, le=64)] = 6
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 0.02
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 0.02
     warmup_users: Annotated[int, Field(ge=10)] = 500
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
@@ -208,3 +208,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise SettingsError("\n".join(lines)) from None
     finally:
         _yaml_file.reset(token)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The settings as SEGMENT_* variables, for starting a worker process with them."""
+    env = {}
+    for section, values in settings.model_dump().items():
+        for name, value in values.items():
+            if value is not None:
+                env[_env_name((section, name))] = str(value)
+    return env

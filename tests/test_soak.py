@@ -133,7 +133,9 @@ def test_memory_stops_growing_once_the_cache_is_full(
         f"\nsoak: {SECONDS:.0f}s at {RATE:.0f} events/s, {sent[0]} events, {users} distinct "
         f"users, cache {CACHE}: RSS {samples[0][1]:.0f} MB at start, {warm:.0f} MB when the "
         f"cache filled at {samples[full[0]][0]:.0f}s, max {max(after):.0f} MB after "
-        f"(+{growth:.1f} MB), {after[-1]:.0f} MB at the end"
+        f"(+{growth:.1f} MB), {after[-1]:.0f} MB at the end; by quarter: "
+        + ", ".join(f"{samples[len(samples) * q // 4 - 1][1]:.0f}" for q in range(1, 5))
+        + " MB"
     )
     assert len(after) >= 5, "too little of the run after warm-up to judge"
     assert growth <= max(0.1 * warm, 20), f"RSS grew {growth:.0f} MB after the cache filled"

@@ -249,6 +249,7 @@ class Worker:
                 self._delete_user(batch, item.event, position.topic)
             else:
                 self._apply(batch, item)
+        self._segment(batch)
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
         self.outbox.flush()
@@ -260,7 +261,7 @@ class Worker:
         self.cache.trim()
         written = time.time()
         for record in records:
-            self.metrics.latency.observe(written - record.consumed_at)
+            self.metrics.latency.observe(max(written - record.appended_at, 0.0))
         for segment, size in sizes.items():
             self.metrics.segment_users.labels(segment).set(size)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
@@ -307,8 +308,8 @@ class Worker:
             self.cache.put(profile)
 
     def _apply(self, batch: BatchWrite, item: Decoded) -> None:
-        """Fold one event into its user's profile and re-segment them, unless it is
-        already applied (fence) or a repeat of a recent event id."""
+        """Fold one event into its user's profile, unless it is already applied (fence)
+        or a repeat of a recent event id."""
         event = item.event
         assert not isinstance(event, UserDeleted)
         profile = self.cache.get(event.user_id) or Profile(event.user_id)
@@ -321,16 +322,26 @@ class Worker:
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
-        x = self.features(profile)
-        learned = self.coordinator.learn(profile.user_id, x, event.timestamp)
-        if learned.seeded:
-            self._sync_now = True  # publish the first model now, not at the next interval
-        if learned.drift_level is not None:
-            self.report_drift("fit", learned.drift_level, event.timestamp)
-        if self.model.ready:
-            self._assign(batch, profile.user_id, self.model.assign(x))
-        else:
-            batch.pending.add(profile.user_id)
+
+    def _segment(self, batch: BatchWrite) -> None:
+        """Learn from, and re-segment, every user whose profile the batch changed: once
+        per user per batch, from their latest profile, so a hot user weighs no more than
+        anyone else in the model and assignment is one vectorized pass."""
+        if not batch.profiles:
+            return
+        features = {uid: self.features(profile) for uid, profile in batch.profiles.items()}
+        for uid, x in features.items():
+            learned = self.coordinator.learn(uid, x, batch.profiles[uid].last_ts)
+            if learned.seeded:
+                self._sync_now = True  # publish the first model now, not at the next interval
+            if learned.drift_level is not None:
+                self.report_drift("fit", learned.drift_level, batch.profiles[uid].last_ts)
+        if not self.model.ready:
+            batch.pending.update(features)
+            return
+        assignments = self.model.assign_many(list(features.values()))
+        for uid, assignment in zip(features, assignments, strict=True):
+            self._assign(batch, uid, assignment)
 
     def _assign(self, batch: BatchWrite, user_id: str, assignment: Assignment) -> None:
         profile = self.cache.get(user_id)

@@ -251,6 +251,48 @@ def replay(
     )
 
 
+@app.command()
+def bench(
+    config: ConfigOption = None,
+    events: Annotated[int, typer.Option(min=10_000, help="Events to pre-produce.")] = 500_000,
+    users: Annotated[int, typer.Option(min=100, help="Distinct users among them.")] = 50_000,
+    latency_seconds: Annotated[
+        float, typer.Option(min=5, help="Length of the paced latency run.")
+    ] = 30.0,
+    embedded: Annotated[
+        bool,
+        typer.Option(
+            "--embedded/--given",
+            help="Embedded Tansu and redis-server, or the broker and Redis of the settings.",
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Measure throughput, latency, footprint, the batch alternative and scale-out."""
+    import orjson
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from worker.bench import Bench, rows, servers
+
+    settings = _settings(config)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with (
+        servers(settings, embedded) as (where, broker_pid, redis_pid),
+        Progress(*columns, TimeElapsedColumn(), console=errors) as progress,
+    ):
+        bench = Bench(where, events, users, latency_seconds, progress, broker_pid, redis_pid)
+        figures = bench.run()
+    if as_json:
+        sys.stdout.write(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    table = Table(title="segment-worker bench")
+    for column in ("figure", "measured", "target"):
+        table.add_column(column)
+    for row in rows(figures):
+        table.add_row(*row)
+    console.print(table)
+
+
 @app.command("export-schemas")
 def export_schemas(
     out: Annotated[Path | None, typer.Option(help="Directory (default: schemas/json).")] = None,

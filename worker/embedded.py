@@ -90,6 +90,12 @@ class _ChildServer(ABC):
                 self._process.wait()
         self._process = None
 
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise EmbeddedError(f"{self.name} is not running")
+        return self._process.pid
+
     def kill(self) -> None:
         """Stop it as a crash would: SIGKILL, no draining."""
         if self._process is not None:

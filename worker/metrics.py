@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
+)
 DISTANCE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
 
 
@@ -38,7 +41,8 @@ class Metrics:
         )
         self.latency = Histogram(
             "segmentation_event_to_segment_latency_seconds",
-            "From the event being consumed to its segment being written to Redis.",
+            "From the event's append to Kafka (record timestamp) to its batch being written "
+            "to Redis: how stale a segment can be, consumer lag included.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

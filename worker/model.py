@@ -19,6 +19,7 @@ worker assigns with the same published snapshot (see `worker/coordination.py`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,10 @@ class SegmentModel:
         self.scaler.learn_one(x)
         if self.ready:
             z = self.scaler.transform_one(x)
-            distance = min(self._distance(z, i) for i in self.kmeans.centers)
-            self.kmeans.learn_one(z)
+            index = self.kmeans.learn_predict_one(z)
+            # River moved that centre toward z by the learning rate, so its distance
+            # before the move (what the detector watches) is the distance now, scaled back
+            distance = self._distance(z, index) / (1 - self.kmeans.halflife)
             drifted = self.fit_drift.update(distance)
             return Learned(drift_level=self.fit_drift.level if drifted else None)
         self._warmup[user_id] = x
@@ -101,14 +104,36 @@ class SegmentModel:
 
     def assign(self, x: dict[str, float]) -> Assignment:
         """The nearest segment to a profile, without learning from it."""
-        z = self.scaler.transform_one(x)
-        distance, index = min((self._distance(z, i), i) for i in self.kmeans.centers)
-        return Assignment(self.segments[index].id, distance)
+        return self.assign_many([x])[0]
+
+    def assign_many(self, xs: Sequence[dict[str, float]]) -> list[Assignment]:
+        """The nearest segment to each profile: one vectorized pass for a whole batch."""
+        distances = self._distances(xs)
+        ids = [self.segments[index].id for index in sorted(self.segments)]
+        return [
+            Assignment(ids[nearest], float(row[nearest]))
+            for row, nearest in zip(distances, distances.argmin(axis=1), strict=True)
+        ]
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
         """Distance (standardized units) from a profile to every segment's centre."""
-        z = self.scaler.transform_one(x)
-        return {seg.id: self._distance(z, i) for i, seg in self.segments.items()}
+        row = self._distances([x])[0]
+        return {
+            self.segments[index].id: float(d)
+            for index, d in zip(sorted(self.segments), row, strict=True)
+        }
+
+    def _distances(self, xs: Sequence[dict[str, float]]) -> np.ndarray:
+        """Euclidean distances, (profiles × segments), after River's scaling (a feature
+        without variance scales to 0, as in `StandardScaler.transform_one`)."""
+        x = np.array([[row[name] for name in FEATURES] for row in xs], dtype=float)
+        means = np.array([self.scaler.means[name] for name in FEATURES])
+        stds = np.sqrt([self.scaler.vars[name] for name in FEATURES])
+        z = np.divide(x - means, stds, out=np.zeros_like(x), where=stds > 0)
+        centers = np.array(
+            [[self.kmeans.centers[i][name] for name in FEATURES] for i in sorted(self.segments)]
+        )
+        return np.asarray(np.sqrt(((z[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)))
 
     def _distance(self, z: dict[str, float], index: int) -> float:
         center = self.kmeans.centers[index]

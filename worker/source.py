@@ -39,7 +39,7 @@ class Record:
     position: Position
     key: bytes | None
     value: bytes | None
-    consumed_at: float
+    appended_at: float  # the record's Kafka timestamp, in seconds
 
 
 def kafka_client_config(settings: KafkaSettings) -> dict[str, object]:
@@ -59,6 +59,22 @@ def kafka_client_config(settings: KafkaSettings) -> dict[str, object]:
         if getattr(settings, name):
             config[name] = getattr(settings, name)
     return config
+
+
+def consumer_config(settings: KafkaSettings) -> dict[str, object]:
+    """The worker's consumer settings (also the benchmark's bare consumer's)."""
+    return kafka_client_config(settings) | {
+        "enable_auto_commit": False,
+        "auto_offset_reset": settings.auto_offset_reset,
+        "max_poll_records": settings.max_poll_records,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        # Range assignment gives partition p of both input topics to the same worker, so
+        # each user's clicks and orders meet in one profile.
+        "partition_assignment_strategy": [RangePartitionAssignor],
+    }
 
 
 class KafkaSource:
@@ -88,20 +104,7 @@ class KafkaSource:
         s = self._settings
         self._consumer = self._backoff.call(
             f"connecting to Kafka at {s.bootstrap_servers}",
-            lambda: KafkaConsumer(
-                **kafka_client_config(s),
-                group_id=s.group_id,
-                enable_auto_commit=False,
-                auto_offset_reset=s.auto_offset_reset,
-                max_poll_records=s.max_poll_records,
-                fetch_max_wait_ms=s.fetch_max_wait_ms,
-                session_timeout_ms=s.session_timeout_ms,
-                heartbeat_interval_ms=s.heartbeat_interval_ms,
-                max_poll_interval_ms=s.max_poll_interval_ms,
-                # Range assignment gives partition p of both input topics to the same
-                # worker, so each user's clicks and orders meet in one profile.
-                partition_assignment_strategy=[RangePartitionAssignor],
-            ),
+            lambda: KafkaConsumer(**consumer_config(s), group_id=s.group_id),
             retry_on=(KafkaError,),
             on_error=lambda _: self._metrics.kafka_errors.labels("connect").inc(),
         )
@@ -151,8 +154,9 @@ class KafkaSource:
         records = []
         for tp, messages in batches.items():
             for m in messages:
+                appended = m.timestamp / 1000 if m.timestamp and m.timestamp > 0 else now
                 records.append(
-                    Record(Position(tp.topic, tp.partition, m.offset), m.key, m.value, now)
+                    Record(Position(tp.topic, tp.partition, m.offset), m.key, m.value, appended)
                 )
             if messages:
                 self._next[tp] = messages[-1].offset + 1

@@ -1,0 +1,56 @@
+"""`segment-worker bench` on a small run: every figure present, each plausible.
+
+The full run (500k events over 50k users) is `segment-worker bench`; its figures are in
+the README. Timed assertions have no place here: only consistency is checked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from worker.bench import histogram_quantile
+
+BENCH = [sys.executable, "-m", "worker", "bench"]
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    # 10 observations ≤ 0.1 s, 10 more in (0.1, 0.5]: the median is the end of the first
+    # bucket, the 75th percentile half way through the second
+    buckets = {0.1: 10.0, 0.5: 20.0, float("inf"): 20.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.3)
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.05)
+
+
+@pytest.mark.integration
+def test_bench_reports_every_figure() -> None:
+    ran = subprocess.run(
+        [*BENCH, "--events", "20000", "--users", "2000", "--latency-seconds", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    figures = orjson.loads(ran.stdout)
+    full, latency, batch, scale = (
+        figures["full_speed"],
+        figures["latency"],
+        figures["batch_alternative"],
+        figures["scale_out"],
+    )
+    assert figures["raw_ceiling_events_per_s"] > full["events_per_s"] > 0
+    assert full["ratio_to_raw"] == pytest.approx(
+        full["events_per_s"] / figures["raw_ceiling_events_per_s"], abs=1e-3
+    )
+    assert full["cpu_s_per_1k_events"] > 0 and full["peak_rss_mb"][0] > 50
+    assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
+    assert latency["offered_events_per_s"] == round(full["events_per_s"] / 2)
+    assert 50 < figures["redis_bytes_per_user"] < 100_000
+    assert batch["users"] == figures["users"]
+    assert batch["wall_s"] >= batch["fit_s"]
+    assert scale["workers"] == 2 and len(scale["peak_rss_mb"]) == 2
+    assert set(scale["cpu_s_whole_run"]) == {"broker", "redis", "workers"}

@@ -1,0 +1,449 @@
+"""`segment-worker bench`: how fast, how fresh and how big, measured on real parts.
+
+Worker processes (`segment-worker run`, exactly as deployed) consume pre-produced events
+from a real broker into a real Redis, embedded unless given. Figures come from the
+workers' own /metrics and from /proc, so the benchmark measures what production would
+report. The stages, in order:
+
+1. raw ceiling: a bare kafka-python consumer with the worker's fetch settings reads every
+   record and does nothing else;
+2. full speed: one worker on the same records: sustained events/s between 10 % and 90 %
+   of them (past warm-up), CPU seconds per 1k events, peak RSS;
+3. footprint: Redis bytes per user (MEMORY USAGE of everything stored about a sample);
+4. batch alternative: load every profile, fit scikit-learn k-means (k-means++, same k),
+   write every user's segment back; its wall time bounds the freshness of a schedule;
+5. latency: a worker with the trained model under a paced producer at half its full
+   speed: p50/p95/p99 from a record's Kafka timestamp to its batch written to Redis;
+6. scale-out: two workers sharing the partitions: throughput and the CPU split between
+   broker, Redis and workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+from rich.progress import Progress
+from sklearn.cluster import KMeans as BatchKMeans
+
+from config.settings import Settings, to_env
+from schemas.records import RedisKeys
+from worker.embedded import EmbeddedBroker, EmbeddedRedis, free_port
+from worker.features import FEATURES, FeatureExtractor
+from worker.generator import generate
+from worker.profiles import Profile
+from worker.replay import produce
+from worker.sink import connect
+from worker.source import consumer_config, ensure_topics
+
+PARTITIONS = 4
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A worker's /metrics as {sample name: [(labels, value)]}; empty if not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+    return sum(value for _, value in samples.get(name, []))
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
+    """Prometheus' histogram_quantile over cumulative bucket counts {le: count}."""
+    bounds = sorted(buckets)
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(buckets[le] - below, 1e-12)
+        lower, below = le, buckets[le]
+    return lower
+
+
+@dataclass
+class WorkerProcess:
+    """A `segment-worker run` process and what it reports."""
+
+    settings: Settings
+    idle_s: float
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        metrics = self.settings.metrics.model_copy(update={"host": "127.0.0.1", "port": self.port})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_")}
+        env |= to_env(self.settings.model_copy(update={"metrics": metrics}))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run", "--stop-after-idle", str(self.idle_s)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.terminate()
+            self.process.wait(60)
+
+
+@dataclass
+class Sample:
+    at: float
+    events: float
+    cpu: float
+
+
+class Bench:
+    def __init__(
+        self,
+        settings: Settings,
+        events: int,
+        users: int,
+        latency_seconds: float,
+        progress: Progress,
+        broker_pid: int | None = None,
+        redis_pid: int | None = None,
+    ) -> None:
+        self.base = settings
+        self.events = events
+        self.users = users
+        self.latency_seconds = latency_seconds
+        self.progress = progress
+        self.pids = {"broker": broker_pid, "redis": redis_pid}
+        self.run_id = uuid.uuid4().hex[:6]
+        self.redis = connect(settings.redis)
+
+    def settings_for(self, name: str, prefix: str, topics: str | None = None) -> Settings:
+        topics = topics or name
+        kafka = self.base.kafka.model_copy(
+            update={
+                "group_id": f"bench-{self.run_id}-{name}",
+                "clickstream_topic": f"bench-{self.run_id}-{topics}-clicks",
+                "purchases_topic": f"bench-{self.run_id}-{topics}-purchases",
+                "dlq_topic": f"bench-{self.run_id}-dlq",
+                "changes_topic": f"bench-{self.run_id}-changes",
+            }
+        )
+        redis = self.base.redis.model_copy(update={"key_prefix": f"bench{self.run_id}{prefix}"})
+        return self.base.model_copy(update={"kafka": kafka, "redis": redis})
+
+    def run(self) -> dict[str, Any]:
+        main = self.settings_for("main", "a")
+        ensure_topics(main.kafka, PARTITIONS)
+        task = self.progress.add_task("generating and producing events", total=self.events)
+        shop = generate(users=self.users, events=self.events, seed=11)
+        produce(shop.events, main, on_sent=lambda n: self.progress.update(task, completed=n))
+        figures: dict[str, Any] = {
+            "events": self.events,
+            "users": len(shop.truth),
+            "partitions": PARTITIONS,
+            "cores": os.cpu_count(),
+        }
+        figures["raw_ceiling_events_per_s"] = self.raw_ceiling(main, task)
+        figures["full_speed"] = self.full_speed(main, task, workers=1)
+        figures["full_speed"]["ratio_to_raw"] = round(
+            figures["full_speed"]["events_per_s"] / figures["raw_ceiling_events_per_s"], 3
+        )
+        figures["redis_bytes_per_user"] = self.bytes_per_user(main, list(shop.truth))
+        figures["batch_alternative"] = self.batch_alternative(main, task)
+        half = figures["full_speed"]["events_per_s"] / 2
+        figures["latency"] = self.latency(half, task)
+        scale = self.full_speed(self.settings_for("scale", "b", topics="main"), task, workers=2)
+        scale["ratio_to_one_worker"] = round(
+            scale["events_per_s"] / figures["full_speed"]["events_per_s"], 3
+        )
+        figures["scale_out"] = scale
+        return figures
+
+    def raw_ceiling(self, settings: Settings, task: Any) -> float:
+        self.progress.update(task, description="raw ceiling: bare consumer", completed=0)
+        config = consumer_config(settings.kafka)
+        consumer = KafkaConsumer(**{**config, "enable_auto_commit": False})
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in settings.kafka.input_topics
+            for p in range(PARTITIONS)
+        ]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        read, started = 0, time.monotonic()
+        while read < self.events:
+            read += sum(len(batch) for batch in consumer.poll(timeout_ms=1000).values())
+            self.progress.update(task, completed=read)
+        elapsed = time.monotonic() - started
+        consumer.close()
+        return round(read / elapsed)
+
+    def full_speed(self, settings: Settings, task: Any, workers: int) -> dict[str, Any]:
+        label = "full speed" if workers == 1 else f"scale-out: {workers} workers"
+        self.progress.update(task, description=label, completed=0)
+        procs = [WorkerProcess(settings, idle_s=3).start() for _ in range(workers)]
+        others = {name: pid for name, pid in self.pids.items() if pid}
+        other_cpu = {name: cpu_seconds(pid) for name, pid in others.items()}
+        samples: list[Sample] = []
+        peak = [0.0] * workers
+        while any(p.alive() for p in procs):
+            scraped = [scrape(p.port) for p in procs]
+            events = sum(total(s, "segmentation_events_total") for s in scraped)
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                cpu = sum(cpu_seconds(p.pid) for p in procs if p.alive())
+                peak = [max(peak[i], peak_rss_mb(p.pid)) for i, p in enumerate(procs)]
+                samples.append(Sample(time.monotonic(), events, cpu))
+            self.progress.update(task, completed=events)
+            time.sleep(0.25)
+        other_cpu = {name: cpu_seconds(pid) - other_cpu[name] for name, pid in others.items()}
+        start = next(s for s in samples if s.events >= 0.1 * self.events)
+        end = next(s for s in samples if s.events >= 0.9 * self.events)
+        rate = (end.events - start.events) / (end.at - start.at)
+        cpu_per_1k = (end.cpu - start.cpu) / (end.events - start.events) * 1000
+        result: dict[str, Any] = {
+            "workers": workers,
+            "events_per_s": round(rate),
+            "cpu_s_per_1k_events": round(cpu_per_1k, 3),
+            "cpu_s_per_1k_events_per_worker": round(cpu_per_1k / workers, 3),
+            "peak_rss_mb": [round(p) for p in peak],
+            "wall_s": round(samples[-1].at - samples[0].at, 1),
+        }
+        if other_cpu:
+            result["cpu_s_whole_run"] = {
+                **{name: round(v, 1) for name, v in other_cpu.items()},
+                "workers": round(samples[-1].cpu, 1),
+            }
+        return result
+
+    def bytes_per_user(self, settings: Settings, users: list[str]) -> float:
+        keys = RedisKeys(settings.redis.key_prefix)
+        sample = users[:: max(len(users) // 1000, 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for user in sample:
+            pipe.memory_usage(keys.user(user), samples=0)
+            pipe.memory_usage(keys.profile(user), samples=0)
+        per_user = sum(v or 0 for v in pipe.execute()) / len(sample)
+        members = [
+            s.decode() if isinstance(s, bytes) else s for s in self.redis.smembers(keys.segments)
+        ]
+        zset_bytes = sum(self.redis.memory_usage(keys.members(s), samples=0) or 0 for s in members)
+        zset_users = sum(self.redis.zcard(keys.members(s)) for s in members)
+        return round(per_user + zset_bytes / max(zset_users, 1))
+
+    def batch_alternative(self, settings: Settings, task: Any) -> dict[str, Any]:
+        """What the streaming worker replaces: a scheduled job over all profiles."""
+        self.progress.update(task, description="batch alternative", completed=0)
+        keys = RedisKeys(settings.redis.key_prefix)
+        started = time.monotonic()
+        names = list(self.redis.scan_iter(keys.profile("*"), count=5000))
+        extract = FeatureExtractor(settings.profile)
+        rows: list[list[float]] = []
+        ids: list[str] = []
+        for chunk in range(0, len(names), 5000):
+            for blob in self.redis.mget(names[chunk : chunk + 5000]):
+                if blob:
+                    profile = Profile.decode(blob)
+                    x = extract(profile)
+                    ids.append(profile.user_id)
+                    rows.append([x[name] for name in FEATURES])
+        loaded = time.monotonic()
+        points = np.array(rows)
+        points = (points - points.mean(axis=0)) / np.maximum(points.std(axis=0), 1e-9)
+        labels = BatchKMeans(
+            n_clusters=settings.model.n_clusters, init="k-means++", n_init=1, random_state=1
+        ).fit_predict(points)
+        fitted = time.monotonic()
+        pipe = self.redis.pipeline(transaction=False)
+        for user, label in zip(ids, labels, strict=True):
+            pipe.hset(f"{keys.prefix}:batch-user:{user}", "segment", f"b{label}")
+        pipe.execute()
+        done = time.monotonic()
+        return {
+            "users": len(ids),
+            "load_s": round(loaded - started, 2),
+            "fit_s": round(fitted - loaded, 2),
+            "write_s": round(done - fitted, 2),
+            "wall_s": round(done - started, 2),
+        }
+
+    def latency(self, rate: float, task: Any) -> dict[str, Any]:
+        """Trained model (same key prefix as full speed), fresh topics, paced load."""
+        settings = self.settings_for("latency", "a")
+        ensure_topics(settings.kafka, PARTITIONS)
+        count = int(rate * self.latency_seconds)
+        self.progress.update(
+            task, description=f"latency at {rate:.0f} events/s", completed=0, total=count
+        )
+        shop = generate(users=max(self.users // 5, 100), events=count, seed=12)
+        worker = WorkerProcess(settings, idle_s=3).start()
+        wait(worker.ready, 120)
+        produce(
+            shop.events,
+            settings,
+            rate=rate,
+            on_sent=lambda n: self.progress.update(task, completed=n),
+        )
+        buckets: dict[float, float] = {}
+        while worker.alive():
+            scraped = scrape(worker.port)
+            if scraped:
+                buckets = {
+                    float(labels["le"]): value
+                    for labels, value in scraped.get(
+                        "segmentation_event_to_segment_latency_seconds_bucket", []
+                    )
+                }
+            time.sleep(0.25)
+        self.progress.update(task, total=self.events)
+        return {
+            "offered_events_per_s": round(rate),
+            "events": count,
+            **{
+                f"p{q}_ms": round(histogram_quantile(q / 100, buckets) * 1000, 1)
+                for q in (50, 95, 99)
+            },
+        }
+
+
+def wait(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not become ready")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def servers(
+    settings: Settings, embedded: bool
+) -> Iterator[tuple[Settings, int | None, int | None]]:
+    """The broker and Redis to measure on: embedded ones, or those the settings name."""
+    if not embedded:
+        yield settings, None, None
+        return
+    with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
+        kafka = settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
+        redis = settings.redis.model_copy(update={"url": redis_server.url})
+        yield (
+            settings.model_copy(update={"kafka": kafka, "redis": redis}),
+            broker.pid,
+            redis_server.pid,
+        )
+
+
+TARGETS = {
+    "sustained ÷ raw ceiling": "≥ 0.7",
+    "p50 event → Redis": "≤ 50 ms",
+    "p99 event → Redis": "≤ 250 ms",
+    "Redis bytes per user": "≤ 400",
+}
+
+
+def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(figure, value, target) rows for the summary table."""
+    full, lat, batch, scale = (
+        figures["full_speed"],
+        figures["latency"],
+        figures["batch_alternative"],
+        figures["scale_out"],
+    )
+    return [
+        (
+            "events / users / partitions",
+            f"{figures['events']:,} / {figures['users']:,} / {figures['partitions']}",
+            "",
+        ),
+        ("raw kafka-python ceiling", f"{figures['raw_ceiling_events_per_s']:,} events/s", ""),
+        ("one worker, sustained", f"{full['events_per_s']:,} events/s", ""),
+        (
+            "sustained ÷ raw ceiling",
+            f"{full['ratio_to_raw']:.3f}",
+            TARGETS["sustained ÷ raw ceiling"],
+        ),
+        ("CPU per 1k events", f"{full['cpu_s_per_1k_events']:.3f} s", ""),
+        ("worker peak RSS", f"{full['peak_rss_mb'][0]} MB", ""),
+        (
+            "Redis bytes per user",
+            f"{figures['redis_bytes_per_user']}",
+            TARGETS["Redis bytes per user"],
+        ),
+        ("latency load (half full speed)", f"{lat['offered_events_per_s']:,} events/s", ""),
+        ("p50 event → Redis", f"{lat['p50_ms']} ms", TARGETS["p50 event → Redis"]),
+        ("p95 event → Redis", f"{lat['p95_ms']} ms", ""),
+        ("p99 event → Redis", f"{lat['p99_ms']} ms", TARGETS["p99 event → Redis"]),
+        (
+            "batch k-means: load / fit / write",
+            f"{batch['load_s']} / {batch['fit_s']} / {batch['write_s']} s",
+            "",
+        ),
+        (
+            "batch wall time (min. staleness ≈ 2×)",
+            f"{batch['wall_s']} s for {batch['users']:,} users",
+            "",
+        ),
+        (
+            "two workers, sustained",
+            f"{scale['events_per_s']:,} events/s (× {scale['ratio_to_one_worker']:.2f})",
+            "",
+        ),
+        (
+            "two workers, CPU per 1k per worker",
+            f"{scale['cpu_s_per_1k_events_per_worker']:.3f} s",
+            "",
+        ),
+        (
+            "two workers, CPU split (whole run)",
+            ", ".join(f"{k} {v} s" for k, v in scale.get("cpu_s_whole_run", {}).items()),
+            "",
+        ),
+    ]
