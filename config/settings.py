@@ -51,7 +51,7 @@ class KafkaSettings(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: Positive = 2000
     poll_timeout_ms: Positive = 500
-    fetch_max_wait_ms: Positive = 50
+    fetch_max_wait_ms: Positive = 10
     session_timeout_ms: Positive = 10_000
     heartbeat_interval_ms: Positive = 3_000
     max_poll_interval_ms: Positive = 300_000

@@ -152,7 +152,13 @@ def test_broker_crash_and_restart_mid_stream_resumes_exactly(
     settings: Settings, redis_client: redis.Redis, durable_broker: EmbeddedBroker, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
     kafka = settings.kafka.model_copy(
-        update={"bootstrap_servers": durable_broker.bootstrap_servers, "max_poll_records": 300}
+        update={
+            "bootstrap_servers": durable_broker.bootstrap_servers,
+            "max_poll_records": 300,
+            # Tansu reading from S3 answers a fetch with nothing if it cannot read the
+            # records within the fetch wait; a real broker returns what it has at once
+            "fetch_max_wait_ms": 500,
+        }
     )
     on_durable = settings.model_copy(update={"kafka": kafka})
     ensure_topics(kafka, partitions=2)
@@ -176,13 +182,9 @@ def test_broker_crash_and_restart_mid_stream_resumes_exactly(
         timeout=180,
         what="every event applied after the restart",
     )
-    wait_for(
-        lambda: committed(restarted, 2) == len(shop.events),
-        timeout=60,
-        what="the group's offsets committed to the restarted broker",
-    )
     running.stop.set()
     running.join()
+    assert committed(restarted, 2) == len(shop.events)  # to the restarted broker
 
     users = set(shop.truth)
     expected, got = profiles(redis_client, "ref", users), profiles(redis_client, "seg", users)

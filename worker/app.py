@@ -99,6 +99,7 @@ class Worker:
         )
         self._last_sync = time.monotonic()
         self._sync_now = False
+        self._described = (0, 0)  # the model (version, revision) whose segments Redis describes
         self.totals = BatchStats()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -281,12 +282,17 @@ class Worker:
     def _write(self, batch: BatchWrite) -> dict[str, int] | None:
         """Write a batch fenced by the offsets this worker expects; None if refused."""
         batch.expected = dict(self._expected)
+        model = self.model
+        live = [seg.id for seg in model.segments.values()] if model.ready else []
+        fresh = model.ready and self._described != (model.version, model.revision)
         try:
-            sizes = self.store.write(batch, self._snapshots(), self.model.version)
+            sizes = self.store.write(batch, live, self._snapshots() if fresh else [], model.version)
         except StaleBatch as stale:
             self._discard(batch, stale)
             return None
         self._expected.update(batch.offsets)
+        if fresh:
+            self._described = (model.version, model.revision)
         return sizes
 
     def _discard(self, batch: BatchWrite, stale: StaleBatch) -> None:
@@ -368,7 +374,7 @@ class Worker:
         batch.profiles[user_id] = profile
         batch.segments[user_id] = UserSegment(
             segment=assignment.segment,
-            segment_name=self.model.name_of(assignment.segment),
+            segment_name=assignment.name,
             model_version=self.model.version,
             distance=round(assignment.distance, 4),
             updated_at=profile.last_ts,

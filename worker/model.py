@@ -46,6 +46,7 @@ class Learned:
 @dataclass(frozen=True, slots=True)
 class Assignment:
     segment: str
+    name: str
     distance: float
 
 
@@ -99,9 +100,6 @@ class SegmentModel:
         """Drop a deleted user from the warm-up buffer."""
         self._warmup.pop(user_id, None)
 
-    def name_of(self, segment_id: str) -> str:
-        return next(s.name for s in self.segments.values() if s.id == segment_id)
-
     def assign(self, x: dict[str, float]) -> Assignment:
         """The nearest segment to a profile, without learning from it."""
         return self.assign_many([x])[0]
@@ -109,9 +107,9 @@ class SegmentModel:
     def assign_many(self, xs: Sequence[dict[str, float]]) -> list[Assignment]:
         """The nearest segment to each profile: one vectorized pass for a whole batch."""
         distances = self._distances(xs)
-        ids = [self.segments[index].id for index in sorted(self.segments)]
+        segments = [self.segments[index] for index in sorted(self.segments)]
         return [
-            Assignment(ids[nearest], float(row[nearest]))
+            Assignment(segments[nearest].id, segments[nearest].name, float(row[nearest]))
             for row, nearest in zip(distances, distances.argmin(axis=1), strict=True)
         ]
 

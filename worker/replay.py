@@ -33,15 +33,17 @@ def produce(
     rate: float | None = None,
     stop: threading.Event | None = None,
     on_sent: Callable[[int], None] = lambda _: None,
+    linger_ms: int = 20,
 ) -> int:
     """Send events keyed by user id and return how many were sent.
 
     To `topic`, else purchases to the purchases topic and the rest to the clickstream;
-    paced to `rate` events/s when given; `stop` ends it early.
+    paced to `rate` events/s when given; `stop` ends it early. `linger_ms` trades
+    throughput for the delay a record waits in the producer.
     """
     kafka = settings.kafka
     stop = stop or threading.Event()
-    producer = KafkaProducer(**kafka_client_config(kafka), linger_ms=20, acks="all")
+    producer = KafkaProducer(**kafka_client_config(kafka), linger_ms=linger_ms, acks="all")
     started = time.monotonic()
     sent = 0
     try:

@@ -223,10 +223,14 @@ class RedisStore:
         return {tp: int(v) for tp, v in zip(partitions, values, strict=True) if v is not None}
 
     def write(
-        self, batch: BatchWrite, segments: Iterable[SegmentSnapshot], model_version: int
+        self,
+        batch: BatchWrite,
+        live: list[str],
+        described: list[SegmentSnapshot],
+        model_version: int,
     ) -> dict[str, int]:
-        """Apply one batch atomically; return the size of every live segment."""
-        segments = list(segments)
+        """Apply one batch atomically, with the descriptions of segments that changed
+        since the last write; return the size of every live segment."""
         keys, ttl = self._keys, self._ttl_s
 
         def transaction() -> dict[str, int]:
@@ -256,7 +260,7 @@ class RedisStore:
                 pipe.zadd(keys.members(seg.segment), {user_id: now_ms})
             for user_id, profile in batch.profiles.items():
                 pipe.set(keys.profile(user_id), profile.encode(), ex=ttl)
-            for snap in segments:
+            for snap in described:
                 pipe.hset(
                     keys.segment(snap.id),
                     mapping={
@@ -267,8 +271,8 @@ class RedisStore:
                         "model_version": model_version,
                     },
                 )
-            if segments:
-                pipe.sadd(keys.segments, *(snap.id for snap in segments))
+            if described:
+                pipe.sadd(keys.segments, *(snap.id for snap in described))
             if batch.pending:
                 pipe.sadd(keys.pending, *batch.pending)
             if batch.assigned_pending:
@@ -281,12 +285,10 @@ class RedisStore:
                         for (topic, partition), offset in batch.offsets.items()
                     },
                 )
-            for snap in segments:
-                pipe.zcard(keys.members(snap.id))
+            for segment_id in live:
+                pipe.zcard(keys.members(segment_id))
             results = pipe.execute()
-            sizes = dict(
-                zip((s.id for s in segments), results[len(results) - len(segments) :], strict=True)
-            )
+            sizes = dict(zip(live, results[len(results) - len(live) :], strict=True))
             if sizes:
                 size_pipe = self._redis.pipeline(transaction=False)
                 for segment_id, size in sizes.items():

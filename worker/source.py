@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from config.settings import KafkaSettings
@@ -98,6 +98,7 @@ class KafkaSource:
         self._on_assigned = on_assigned
         self._consumer: KafkaConsumer | None = None
         self._next: dict[TopicPartition, int] = {}
+        self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
 
     def connect(self) -> None:
         """Join the consumer group, retrying while no broker answers."""
@@ -163,28 +164,35 @@ class KafkaSource:
         return records
 
     def commit(self, positions: dict[tuple[str, int], int]) -> None:
-        """Commit 'next offset to read' per partition, retrying transient errors.
+        """Commit 'next offset to read' per partition, without waiting for the broker.
 
-        A commit refused because the group rebalanced is not retried: the partition
-        is someone else's now, and the Redis fence makes their replay harmless.
+        Redis already holds the batch, and a new owner resumes from Redis's offsets, so
+        the Kafka commit only has to catch up (for lag tools, and for a Redis that lost
+        writes): a failed commit is counted and covered by the next one, and `close`
+        commits the last offsets synchronously.
         """
         offsets = {
             TopicPartition(topic, partition): OffsetAndMetadata(offset + 1, "", -1)
             for (topic, partition), offset in positions.items()
         }
+        self._to_commit.update(offsets)
+        self.consumer.commit_async(offsets, callback=self._committed)
 
-        def commit() -> None:
-            try:
-                self.consumer.commit(offsets)
-            except CommitFailedError as exc:
-                log.warning("commit refused after a rebalance (%s); Redis fences the replay", exc)
+    def _committed(self, offsets: object, result: object) -> None:
+        if isinstance(result, Exception):
+            self._metrics.kafka_errors.labels("commit").inc()
+            log.debug("asynchronous commit failed (%s); the next one covers it", result)
 
-        self._backoff.call(
-            "committing offsets",
-            commit,
-            retry_on=(KafkaError,),
-            on_error=lambda _: self._metrics.kafka_errors.labels("commit").inc(),
-        )
+    def _commit_last(self) -> None:
+        """The last offsets of partitions still owned, committed synchronously."""
+        owned = {tp: o for tp, o in self._to_commit.items() if tp in self.assignment}
+        if not owned:
+            return
+        try:
+            self.consumer.commit(owned)
+        except KafkaError as exc:  # Redis's offsets still say where to resume
+            self._metrics.kafka_errors.labels("commit").inc()
+            log.warning("final commit failed (%s); the next owner resumes from Redis", exc)
 
     def rewind(
         self, applied: dict[tuple[str, int], int], first: dict[tuple[str, int], int]
@@ -209,6 +217,7 @@ class KafkaSource:
 
     def close(self) -> None:
         if self._consumer is not None:
+            self._commit_last()
             self._consumer.close(autocommit=False)
             self._consumer = None
 
@@ -228,6 +237,7 @@ class KafkaSource:
     def _revoked(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._next.pop(tp, None)
+            self._to_commit.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self._metrics.lag.remove(tp.topic, str(tp.partition))
         self._on_revoked({(tp.topic, tp.partition) for tp in partitions})
