@@ -51,6 +51,7 @@ def test_bench_reports_every_figure() -> None:
     assert latency["offered_events_per_s"] == round(full["events_per_s"] / 2)
     assert 50 < figures["redis_bytes_per_user"] < 100_000
     assert batch["users"] == figures["users"]
+    assert 0 < batch["ari_streaming_vs_personas"] <= 1 and 0 < batch["ari_batch_vs_personas"] <= 1
     assert batch["wall_s"] >= batch["fit_s"]
     assert scale["workers"] == 2 and len(scale["peak_rss_mb"]) == 2
     assert set(scale["cpu_s_whole_run"]) == {"broker", "redis", "workers"}

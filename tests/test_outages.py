@@ -19,12 +19,12 @@ from collections.abc import Iterator
 import boto3
 import pytest
 import redis
-from conftest import applied, differing, profiles, wait_for
+from conftest import RunningWorker, applied, differing, profiles, wait_for
 from kafka import KafkaConsumer, TopicPartition
 
 from config.settings import Settings
 from worker.embedded import EmbeddedBroker, EmbeddedRedis, free_port
-from worker.generator import generate
+from worker.generator import Shop, generate
 from worker.replay import produce
 from worker.sink import RedisStore
 from worker.source import ensure_topics, kafka_client_config
@@ -48,6 +48,24 @@ def with_redis(settings: Settings, url: str, prefix: str, group: str) -> Setting
             "kafka": settings.kafka.model_copy(update={"group_id": group, "max_poll_records": 300}),
         }
     )
+
+
+def applied_exactly_once(
+    running: RunningWorker, client: redis.Redis, shop: Shop, after: str
+) -> None:
+    """Wait for every event to be applied, stop the worker, and check its profiles equal
+    the uninterrupted reference run's (prefix `ref`) field for field."""
+    wait_for(
+        lambda: applied(client, "seg") == len(shop.events),
+        timeout=180,
+        what=f"every event applied after {after}",
+    )
+    running.stop.set()
+    running.join()
+    users = set(shop.truth)
+    expected, got = profiles(client, "ref", users), profiles(client, "seg", users)
+    assert set(got) == users
+    assert not differing(expected, got)
 
 
 @pytest.fixture
@@ -134,18 +152,7 @@ def test_redis_outage_pauses_then_resumes_exactly(settings: Settings, start_work
         assert running.thread.is_alive() and not ready(port)
         server.start()
         wait_for(lambda: ready(port), timeout=60, what="/readyz to recover")
-        wait_for(
-            lambda: applied(client, "seg") == len(shop.events),
-            timeout=120,
-            what="every event applied after the outage",
-        )
-        running.stop.set()
-        running.join()
-
-        users = set(shop.truth)
-        expected, got = profiles(client, "ref", users), profiles(client, "seg", users)
-        assert set(got) == users
-        assert not differing(expected, got)
+        applied_exactly_once(running, client, shop, "the outage")
 
 
 def test_broker_crash_and_restart_mid_stream_resumes_exactly(
@@ -177,16 +184,5 @@ def test_broker_crash_and_restart_mid_stream_resumes_exactly(
     assert running.thread.is_alive()
     assert applied(redis_client, "seg") < len(shop.events), "stopped too late to prove anything"
     durable_broker.start()
-    wait_for(
-        lambda: applied(redis_client, "seg") == len(shop.events),
-        timeout=180,
-        what="every event applied after the restart",
-    )
-    running.stop.set()
-    running.join()
+    applied_exactly_once(running, redis_client, shop, "the restart")
     assert committed(restarted, 2) == len(shop.events)  # to the restarted broker
-
-    users = set(shop.truth)
-    expected, got = profiles(redis_client, "ref", users), profiles(redis_client, "seg", users)
-    assert set(got) == users
-    assert not differing(expected, got)

@@ -37,6 +37,7 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from rich.progress import Progress
 from sklearn.cluster import KMeans as BatchKMeans
+from sklearn.metrics import adjusted_rand_score
 
 from config.settings import Settings, to_env
 from schemas.records import RedisKeys
@@ -199,7 +200,7 @@ class Bench:
             figures["full_speed"]["events_per_s"] / figures["raw_ceiling_events_per_s"], 3
         )
         figures["redis_bytes_per_user"] = self.bytes_per_user(main, list(shop.truth))
-        figures["batch_alternative"] = self.batch_alternative(main, task)
+        figures["batch_alternative"] = self.batch_alternative(main, task, shop.truth)
         half = figures["full_speed"]["events_per_s"] / 2
         figures["latency"] = self.latency(half, task)
         scale = self.full_speed(self.settings_for("scale", "b", topics="main"), task, workers=2)
@@ -282,8 +283,12 @@ class Bench:
         zset_users = sum(self.redis.zcard(keys.members(s)) for s in members)
         return round(per_user + zset_bytes / max(zset_users, 1))
 
-    def batch_alternative(self, settings: Settings, task: Any) -> dict[str, Any]:
-        """What the streaming worker replaces: a scheduled job over all profiles."""
+    def batch_alternative(
+        self, settings: Settings, task: Any, personas: dict[str, str]
+    ) -> dict[str, Any]:
+        """What the streaming worker replaces: a scheduled job over all profiles. Both
+        its segments and the streaming ones are scored against the generator's personas
+        (adjusted Rand index), so speed is not bought with quality."""
         self.progress.update(task, description="batch alternative", completed=0)
         keys = RedisKeys(settings.redis.key_prefix)
         started = time.monotonic()
@@ -310,7 +315,14 @@ class Bench:
             pipe.hset(f"{keys.prefix}:batch-user:{user}", "segment", f"b{label}")
         pipe.execute()
         done = time.monotonic()
+        pipe = self.redis.pipeline(transaction=False)
+        for user in ids:
+            pipe.hget(keys.user(user), "segment")
+        streaming = [segment or b"" for segment in pipe.execute()]
+        truth = [personas[user] for user in ids]
         return {
+            "ari_streaming_vs_personas": round(float(adjusted_rand_score(truth, streaming)), 3),
+            "ari_batch_vs_personas": round(float(adjusted_rand_score(truth, labels)), 3),
             "users": len(ids),
             "load_s": round(loaded - started, 2),
             "fit_s": round(fitted - loaded, 2),
@@ -432,6 +444,12 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         (
             "batch wall time (min. staleness ≈ 2×)",
             f"{batch['wall_s']} s for {batch['users']:,} users",
+            "",
+        ),
+        (
+            "segment quality: ARI vs personas",
+            f"streaming {batch['ari_streaming_vs_personas']}, "
+            f"batch k-means {batch['ari_batch_vs_personas']}",
             "",
         ),
         (
