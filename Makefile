@@ -28,7 +28,7 @@ clean:
 chaos: $(BIN)/segment-worker  ## the full chaos test: 50k events, SIGKILL three times
 	CHAOS_EVENTS=50000 $(BIN)/python -m pytest -q tests/test_chaos.py
 
-outage: $(BIN)/segment-worker  ## Redis down for 20 s mid-stream
+outage: $(BIN)/segment-worker  ## Redis down for 20 s mid-stream; the broker crashed and down 20 s
 	OUTAGE_SECONDS=20 $(BIN)/python -m pytest -q tests/test_outages.py
 
 fuzz: $(BIN)/segment-worker  ## 100k fuzzed records mixed into a stream

@@ -318,7 +318,7 @@ class Bench:
         pipe = self.redis.pipeline(transaction=False)
         for user in ids:
             pipe.hget(keys.user(user), "segment")
-        streaming = [segment or b"" for segment in pipe.execute()]
+        streaming = [(segment or b"").decode() for segment in pipe.execute()]
         truth = [personas[user] for user in ids]
         return {
             "ari_streaming_vs_personas": round(float(adjusted_rand_score(truth, streaming)), 3),
