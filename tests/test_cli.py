@@ -16,6 +16,7 @@ from conftest import wait_for, worker_env
 from config.settings import Settings
 from schemas.reader import SegmentReader
 from worker.embedded import EmbeddedRedis, free_port
+from worker.features import FEATURES
 from worker.source import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -51,6 +52,19 @@ def test_generate_to_kafka_then_run_until_idle(
     assert "5000 events applied, 0 dead-lettered, 0 skipped" in ran.stderr
     reader = SegmentReader(redis_client)
     assert all(reader.get(user) is not None for user in users)
+
+    stored = reader.get(users[0])
+    assert stored is not None
+    explained = subprocess.run(
+        [*CLI, "explain", users[0]], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert explained.returncode == 0, explained.stderr
+    assert f"stored: {stored.segment})" in explained.stdout
+    assert all(feature in explained.stdout for feature in FEATURES)
+    nobody = subprocess.run(
+        [*CLI, "explain", "nobody"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert nobody.returncode == 1 and "no profile stored for 'nobody'" in nobody.stderr
 
 
 def test_generate_to_file_is_reproducible(tmp_path: Path) -> None:

@@ -120,6 +120,18 @@ def test_distances_and_assignment_agree(model_and_profiles) -> None:  # type: ig
         assert assignment.distance == pytest.approx(min(distances.values()))
 
 
+def test_explain_splits_the_margin_over_the_features(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+    model, profiles = model_and_profiles
+    for x in list(profiles.values())[:50]:
+        assignment, distances, pulls = model.explain(x)
+        assert assignment == model.assign(x)
+        runner_up = sorted(distances.values())[1]
+        margin = runner_up**2 - assignment.distance**2
+        assert sum(p.pull for p in pulls) == pytest.approx(margin, abs=1e-9)
+        assert [p.pull for p in pulls] == sorted((p.pull for p in pulls), reverse=True)
+        assert {p.feature for p in pulls} == set(FEATURES)
+
+
 def test_segments_separate_buyers_from_non_buyers(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
     model, _ = model_and_profiles
     names = [s.name for s in model.segments.values()]

@@ -191,6 +191,67 @@ def inspect(user_id: str, config: ConfigOption = None) -> None:
     console.print(table)
 
 
+@app.command()
+def explain(user_id: str, config: ConfigOption = None) -> None:
+    """Why a user is in their segment: profile, distances, and the features that decide."""
+    import orjson
+
+    from schemas.records import RedisKeys
+    from worker.features import FeatureExtractor
+    from worker.model import SegmentModel
+    from worker.profiles import Profile
+    from worker.sink import connect
+
+    settings = _settings(config)
+    client, keys = connect(settings.redis), RedisKeys(settings.redis.key_prefix)
+    blob, state = client.get(keys.profile(user_id)), client.hget(keys.model, "state")
+    if blob is None:
+        errors.print(f"no profile stored for {user_id!r}")
+        raise typer.Exit(1)
+    if state is None:
+        errors.print("no model published yet")
+        raise typer.Exit(1)
+    try:
+        model = SegmentModel.from_state(settings.model, orjson.loads(state))
+    except (ValueError, KeyError, TypeError) as exc:
+        errors.print(f"the published model cannot be read with these settings: {exc}")
+        raise typer.Exit(1) from None
+    profile = Profile.decode(blob)
+    assignment, distances, pulls = model.explain(FeatureExtractor(settings.profile)(profile))
+    segment = next(s for s in model.segments.values() if s.id == assignment.segment)
+    console.print(
+        f"[bold]{user_id}[/] → [bold]{assignment.segment}[/] {assignment.name!r} "
+        f"(model v{model.version} revision {model.revision}; stored: {profile.segment})\n"
+        f"{segment.description}"
+    )
+    facts = Table(title="profile", show_header=False)
+    for name in ("orders", "monetary", "sessions", "last_ts", "last_purchase_ts"):
+        facts.add_row(name, str(getattr(profile, name)))
+    facts.add_row("counts", ", ".join(f"{k} {v:.2f}" for k, v in sorted(profile.counts.items())))
+    facts.add_row("top categories", ", ".join(c for c, _ in profile.top_categories(5)))
+    console.print(facts)
+    near = Table(title="distance to each segment (standardized units)")
+    near.add_column("segment")
+    near.add_column("name")
+    near.add_column("distance", justify="right")
+    names = {s.id: s.name for s in model.segments.values()}
+    for segment_id, distance in sorted(distances.items(), key=lambda kv: kv[1]):
+        near.add_row(segment_id, names[segment_id], f"{distance:.3f}")
+    console.print(near)
+    why = Table(title=f"features: pull toward {assignment.segment} over the runner-up")
+    for column in ("feature", "user", "segment centre", "population mean", "pull"):
+        why.add_column(column, justify="left" if column == "feature" else "right")
+    for p in pulls:
+        why.add_row(
+            p.feature,
+            f"{p.value:.3f}",
+            f"{p.segment_centre:.3f}",
+            f"{p.population_mean:.3f}",
+            f"{p.pull:+.3f}",
+        )
+    console.print(why)
+
+
 def _reader(settings: Settings) -> SegmentReader:
     from worker.sink import connect
 

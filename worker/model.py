@@ -50,6 +50,20 @@ class Assignment:
     distance: float
 
 
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """How one feature sways a profile between its segment and the runner-up: `pull` is
+    the runner-up's squared distance minus the segment's along this feature (standardized
+    units), so the pulls add up to the whole margin and a positive one keeps the profile
+    where it is."""
+
+    feature: str
+    value: float
+    segment_centre: float
+    population_mean: float
+    pull: float
+
+
 @dataclass(slots=True)
 class Segment:
     id: str
@@ -120,6 +134,29 @@ class SegmentModel:
             self.segments[index].id: float(d)
             for index, d in zip(sorted(self.segments), row, strict=True)
         }
+
+    def explain(self, x: dict[str, float]) -> tuple[Assignment, dict[str, float], list[Pull]]:
+        """The assignment, the distance to every segment, and each feature's pull toward
+        the assigned segment against the runner-up (strongest first)."""
+        assignment = self.assign(x)
+        distances = self.distances(x)
+        index = {seg.id: i for i, seg in self.segments.items()}
+        runner_up = min((d, s) for s, d in distances.items() if s != assignment.segment)[1]
+        z = self.scaler.transform_one(x)
+        own = self.kmeans.centers[index[assignment.segment]]
+        other = self.kmeans.centers[index[runner_up]]
+        centre = self.centroid(index[assignment.segment])
+        pulls = [
+            Pull(
+                name,
+                x[name],
+                centre[name],
+                self.scaler.means[name],
+                (z[name] - other[name]) ** 2 - (z[name] - own[name]) ** 2,
+            )
+            for name in FEATURES
+        ]
+        return assignment, distances, sorted(pulls, key=lambda p: -p.pull)
 
     def _distances(self, xs: Sequence[dict[str, float]]) -> np.ndarray:
         """Euclidean distances, (profiles × segments), after River's scaling (a feature
@@ -234,7 +271,11 @@ def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]
     population mean. Each rule that fires offers a phrase scored by how far out the
     centroid is; the name is the three strongest phrases.
     """
-    orders = math.expm1(centroid["orders"])
+
+    def unlog(name: str) -> float:  # a centre may sit a little below the data's floor
+        return max(math.expm1(centroid[name]), 0.0)
+
+    orders = unlog("orders")
     bought = orders >= 0.2
     rules: list[tuple[bool, str, float]] = [
         (not bought, "never bought", 3.0),
@@ -259,9 +300,9 @@ def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]
     phrases = [phrase for fired, phrase, score in sorted(rules, key=lambda r: -r[2]) if fired]
     name = ", ".join(phrases[:3]) or "typical shoppers"
     description = (
-        f"~{orders:.1f} recent orders, avg order ${math.expm1(centroid['aov']):.0f}, "
-        f"{math.expm1(centroid['sessions']):.1f} sessions, "
-        f"items viewed ~${math.expm1(centroid['price_level']):.0f}, "
+        f"~{orders:.1f} recent orders, avg order ${unlog('aov'):.0f}, "
+        f"{unlog('sessions'):.1f} sessions, "
+        f"items viewed ~${unlog('price_level'):.0f}, "
         f"last purchase {centroid['purchase_recency_days']:.0f} d before last visit, "
         f"active {centroid['tenure_days']:.0f} d"
     )
