@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import redis
 from conftest import applied, wait_for, worker_env
 
 from config.settings import Settings
+from worker.bench import scrape, total
 from worker.embedded import free_port
 from worker.replay import produce
 from worker.source import ensure_topics
@@ -72,16 +72,8 @@ def rss_mb(pid: int) -> float:
 
 
 def cached_profiles(port: int) -> float:
-    """The worker's `segmentation_profiles_active` gauge; -1 while /metrics is not up."""
-    try:
-        response = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
-    except OSError:
-        return -1.0
-    with response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("segmentation_profiles_active "):
-                return float(line.split()[1])
-    return 0.0
+    """The worker's `segmentation_profiles_active` gauge."""
+    return total(scrape(port), "segmentation_profiles_active")
 
 
 def test_memory_stops_growing_once_the_cache_is_full(
@@ -104,7 +96,7 @@ def test_memory_stops_growing_once_the_cache_is_full(
     )
     samples: list[tuple[float, float, float]] = []  # (seconds, RSS MB, profiles cached)
     try:
-        wait_for(lambda: cached_profiles(port) >= 0, timeout=60, what="the worker's /metrics")
+        wait_for(lambda: scrape(port), timeout=60, what="the worker's /metrics")
         producer.start()
         started = time.monotonic()
         while (elapsed := time.monotonic() - started) < SECONDS:

@@ -216,15 +216,21 @@ class Worker:
         batch.pending = set()
         self._load_missing(waiting)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
+        mine: dict[str, dict[str, float]] = {}
         for user_id in sorted(waiting):
             profile = self.cache.get(user_id)
             if profile is None:  # deleted or expired meanwhile
                 batch.assigned_pending.add(user_id)
             elif profile.owned_by(owned):
-                self._assign(batch, user_id, self.model.assign(self.features(profile)))
-                batch.assigned_pending.add(user_id)
+                mine[user_id] = self.features(profile)
             else:  # another worker's user: do not keep a copy that will go stale
                 self.cache.discard([user_id])
+        if mine:
+            for user_id, assignment in zip(
+                mine, self.model.assign_many(list(mine.values())), strict=True
+            ):
+                self._assign(batch, user_id, assignment)
+            batch.assigned_pending.update(mine)
 
     def _forget_partitions(self, partitions: set[tuple[str, int]]) -> None:
         for tp in partitions:

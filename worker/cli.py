@@ -194,8 +194,6 @@ def inspect(user_id: str, config: ConfigOption = None) -> None:
 @app.command()
 def explain(user_id: str, config: ConfigOption = None) -> None:
     """Why a user is in their segment: profile, distances, and the features that decide."""
-    import orjson
-
     from schemas.records import RedisKeys
     from worker.features import FeatureExtractor
     from worker.model import SegmentModel
@@ -218,11 +216,11 @@ def explain(user_id: str, config: ConfigOption = None) -> None:
         raise typer.Exit(1) from None
     profile = Profile.decode(blob)
     assignment, distances, pulls = model.explain(FeatureExtractor(settings.profile)(profile))
-    segment = next(s for s in model.segments.values() if s.id == assignment.segment)
+    by_id = {s.id: s for s in model.segments.values()}
     console.print(
         f"[bold]{user_id}[/] → [bold]{assignment.segment}[/] {assignment.name!r} "
         f"(model v{model.version} revision {model.revision}; stored: {profile.segment})\n"
-        f"{segment.description}"
+        f"{by_id[assignment.segment].description}"
     )
     facts = Table(title="profile", show_header=False)
     for name in ("orders", "monetary", "sessions", "last_ts", "last_purchase_ts"):
@@ -234,9 +232,8 @@ def explain(user_id: str, config: ConfigOption = None) -> None:
     near.add_column("segment")
     near.add_column("name")
     near.add_column("distance", justify="right")
-    names = {s.id: s.name for s in model.segments.values()}
     for segment_id, distance in sorted(distances.items(), key=lambda kv: kv[1]):
-        near.add_row(segment_id, names[segment_id], f"{distance:.3f}")
+        near.add_row(segment_id, by_id[segment_id].name, f"{distance:.3f}")
     console.print(near)
     why = Table(title=f"features: pull toward {assignment.segment} over the runner-up")
     for column in ("feature", "user", "segment centre", "population mean", "pull"):
@@ -330,7 +327,6 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Measure throughput, latency, footprint, the batch alternative and scale-out."""
-    import orjson
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from worker.bench import Bench, rows, servers

@@ -30,7 +30,8 @@ DETECTORS = ("fit",)
 
 
 class FitDrift:
-    """ADWIN over assignment distances, restorable from its last `HISTORY` inputs."""
+    """ADWIN over the distances of learned profiles to their nearest centre, restorable
+    from its last `HISTORY` inputs."""
 
     HISTORY = 2000
 

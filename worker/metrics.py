@@ -97,7 +97,8 @@ class Metrics:
         )
         self.kafka_errors = Counter(
             "segmentation_kafka_errors",
-            "Failed Kafka operations (each is retried).",
+            "Failed Kafka operations (retried; a failed asynchronous commit is covered by "
+            "the next one).",
             ["operation"],
             registry=r,
         )

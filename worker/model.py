@@ -138,10 +138,11 @@ class SegmentModel:
     def explain(self, x: dict[str, float]) -> tuple[Assignment, dict[str, float], list[Pull]]:
         """The assignment, the distance to every segment, and each feature's pull toward
         the assigned segment against the runner-up (strongest first)."""
-        assignment = self.assign(x)
         distances = self.distances(x)
+        (nearest, _), (runner_up, _) = sorted(distances.items(), key=lambda kv: kv[1])[:2]
         index = {seg.id: i for i, seg in self.segments.items()}
-        runner_up = min((d, s) for s, d in distances.items() if s != assignment.segment)[1]
+        segment = self.segments[index[nearest]]
+        assignment = Assignment(nearest, segment.name, distances[nearest])
         z = self.scaler.transform_one(x)
         own = self.kmeans.centers[index[assignment.segment]]
         other = self.kmeans.centers[index[runner_up]]
