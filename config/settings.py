@@ -48,6 +48,7 @@ class KafkaSettings(_Section):
     purchases_topic: str = "purchases"
     dlq_topic: str = "segment-events-dlq"
     changes_topic: str = "segment-changes"
+    lifecycle_topic: str = "segment-lifecycle"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: Positive = 2000
     poll_timeout_ms: Positive = 500
@@ -119,13 +120,41 @@ class ProfileSettings(_Section):
     dedupe_window: Annotated[int, Field(ge=0, le=256)] = 8
 
 
+Share = Annotated[float, Field(gt=0, lt=1)]
+
+
 class ModelSettings(_Section):
     algorithm: Literal["kmeans"] = "kmeans"
-    n_clusters: Annotated[int, Field(ge=2, le=64)] = 6
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 0.02
+    n_clusters: Annotated[int, Field(ge=2, le=64)] = 5  # at the first seeding
+    max_clusters: Annotated[int, Field(ge=2, le=64)] = 12  # new segments stop here
+    learning_rate: Share = 0.01
     warmup_users: Annotated[int, Field(ge=10)] = 500
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
+    # membership: a user moves only when another centre is this much closer (relative)
+    switch_margin: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # drift: the detectors' false-alarm bounds and the segment-share (PSI) check
+    fit_drift_delta: Share = 0.002
+    feature_drift_delta: Share = 1e-5
+    psi_window: Annotated[int, Field(ge=100)] = 2000
+    psi_threshold: PositiveFloat = 0.2
+    # adaptation: from the last `reservoir_size` profiles learned, `adapt_after` of them
+    # after a detection
+    reservoir_size: Annotated[int, Field(ge=50, le=20_000)] = 2000
+    adapt_after: Positive = 1000
+    new_segment_share: Share = 0.04
+    new_segment_distance: PositiveFloat = 2.5
+    merge_distance: PositiveFloat = 0.75
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ModelSettings:
+        if self.n_clusters > self.max_clusters:
+            raise ValueError("n_clusters must not exceed max_clusters")
+        if self.warmup_users > self.reservoir_size:
+            raise ValueError("warmup_users must not exceed reservoir_size (warm-up fills it)")
+        if self.adapt_after > self.reservoir_size:
+            raise ValueError("adapt_after must not exceed reservoir_size")
+        return self
 
 
 class DecodeSettings(_Section):

@@ -10,7 +10,13 @@ from schemas.events import (
     PurchaseItem,
     UserDeleted,
 )
-from schemas.records import RedisKeys, SegmentChange, SegmentRecord, UserSegment
+from schemas.records import (
+    RedisKeys,
+    SegmentChange,
+    SegmentLifecycle,
+    SegmentRecord,
+    UserSegment,
+)
 
 __all__ = [
     "ALL_TYPES",
@@ -22,6 +28,7 @@ __all__ = [
     "PurchaseItem",
     "RedisKeys",
     "SegmentChange",
+    "SegmentLifecycle",
     "SegmentRecord",
     "UserDeleted",
     "UserSegment",

@@ -12,7 +12,7 @@ import orjson
 from pydantic import BaseModel
 
 from schemas.events import ClickEvent, PurchaseEvent, UserDeleted
-from schemas.records import SegmentChange, SegmentRecord, UserSegment
+from schemas.records import SegmentChange, SegmentLifecycle, SegmentRecord, UserSegment
 
 SCHEMA_DIR = Path(__file__).with_name("json")
 MODELS: dict[str, type[BaseModel]] = {
@@ -20,6 +20,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "purchase-event": PurchaseEvent,
     "user-deleted-event": UserDeleted,
     "segment-change": SegmentChange,
+    "segment-lifecycle": SegmentLifecycle,
     "redis-user-segment": UserSegment,
     "redis-segment": SegmentRecord,
 }

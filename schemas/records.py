@@ -7,6 +7,7 @@ DESIGN.md and the README.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,5 +100,24 @@ class SegmentChange(BaseModel):
     user_id: str
     from_: str | None = Field(alias="from")
     to: str | None
+    model_version: int
+    timestamp: int
+
+
+class SegmentLifecycle(BaseModel):
+    """A message on `segment-lifecycle`: the set of segments changed, or drift was seen.
+
+    `event` is `created` (a new segment id), `retired` (an id that no longer describes
+    anyone; never reused), `merged` (absorbed `into` another segment, its users follow),
+    or `drift_detected` (by `detector`; `segment` is null). `model_version` is the version
+    the change produced (for drift, the version that saw it); `timestamp` is event time.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    event: Literal["created", "retired", "merged", "drift_detected"]
+    segment: str | None = None
+    into: str | None = None
+    detector: str | None = None
     model_version: int
     timestamp: int

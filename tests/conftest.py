@@ -62,6 +62,7 @@ def settings(
             "purchases_topic": f"{name}-purchases",
             "dlq_topic": f"{name}-dlq",
             "changes_topic": f"{name}-changes",
+            "lifecycle_topic": f"{name}-lifecycle",
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 1000,
             "poll_timeout_ms": 200,

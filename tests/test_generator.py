@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from schemas import EVENT_ADAPTER
-from worker.generator import PERSONAS, generate
+from worker.generator import ARRIVING, PERSONAS, event_ms, generate
 
 
 def test_same_seed_same_stream_and_exact_count() -> None:
@@ -31,7 +31,24 @@ def test_at_least_five_personas_all_present() -> None:
     assert set(shop.truth.values()) == {p.name for p in PERSONAS}
 
 
-def test_window_shoppers_never_buy() -> None:
-    shop = generate(500, 8000, seed=4)
+def test_drift_schedule_sale_and_new_persona_with_their_onsets() -> None:
+    shop = generate(800, 16_000, seed=4)
+    assert set(shop.drifts) == {"sale", "new_persona"}
+    window_shopper_orders = [
+        event_ms(e)
+        for e in shop.events
+        if e["event_type"] == "purchase" and shop.truth[str(e["user_id"])] == "window_shopper"
+    ]
+    assert window_shopper_orders, "the sale made no window shopper buy"
+    assert min(window_shopper_orders) >= shop.drifts["sale"]
+    arrivals = [e for e in shop.events if shop.truth[str(e["user_id"])] == ARRIVING]
+    assert min(event_ms(e) for e in arrivals) == shop.drifts["new_persona"]
+    assert shop.drifts["new_persona"] > event_ms(shop.events[len(shop.events) // 2])
+
+
+def test_stationary_shop_has_no_drift() -> None:
+    shop = generate(500, 8000, seed=4, drifts=False)
+    assert shop.drifts == {}
+    assert ARRIVING not in set(shop.truth.values()) and len(set(shop.truth.values())) >= 5
     buyers = {e["user_id"] for e in shop.events if e["event_type"] == "purchase"}
-    assert not any(shop.truth[u] == "window_shopper" for u in buyers)
+    assert not any(shop.truth[str(u)] == "window_shopper" for u in buyers)

@@ -1,19 +1,23 @@
-"""The River model: k-means++ seeding after warm-up, stable ids, names, checkpoints."""
+"""The River model: seeding, stable ids through adaptation, hysteresis, drift detectors,
+names, checkpoints."""
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
+from collections.abc import Iterable
 
+import numpy as np
 import orjson
 import pytest
 
 from config.settings import ModelSettings, ProfileSettings
 from schemas import EVENT_ADAPTER
-from worker.drift import FitDrift
+from worker.drift import Detectors, ShareShift, psi
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
-from worker.model import SegmentModel, describe
+from worker.model import SegmentModel, describe, match
 from worker.profiles import Position, Profile, ProfileUpdater
 
 SETTINGS = ModelSettings(n_clusters=6, warmup_users=200, seed=1)
@@ -75,36 +79,153 @@ def test_checkpoint_round_trip_assigns_identically(model_and_profiles) -> None: 
         assert a.distance == pytest.approx(b.distance)
 
 
-def test_checkpoint_carries_the_drift_detector(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_carries_the_reservoir_and_rebuilds_the_detectors(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
     model, _ = model_and_profiles
     state = orjson.loads(orjson.dumps(model.to_state()))
-    assert len(state["drift"]["fit"]) == FitDrift.HISTORY
+    assert len(state["reservoir"]) == len(model.reservoir) > SETTINGS.warmup_users
     restored = SegmentModel.from_state(SETTINGS, state)
-    assert restored.fit_drift.to_state() == state["drift"]["fit"]
-    # the restored window is the last HISTORY distances, the original may be longer
-    assert restored.fit_drift.level == pytest.approx(model.fit_drift.level, rel=0.05)
-    # a checkpoint written before detectors were part of it still loads
-    del state["drift"]
-    assert SegmentModel.from_state(SETTINGS, state).fit_drift.to_state() == []
+    assert restored.to_state()["reservoir"] == state["reservoir"]
+    # the detectors were rebuilt by replaying the reservoir: the fit detector's level is
+    # the mean distance of those profiles to the centres
+    replayed = [min(restored.distances(x).values()) for x in restored.reservoir.values()]
+    assert restored.detectors.fit_level == pytest.approx(sum(replayed) / len(replayed), rel=0.05)
 
 
-def test_fit_detector_fires_on_a_shift_and_stays_quiet_without_one() -> None:
+def test_fit_detector_fires_on_a_rise_only_and_stays_quiet_without_one() -> None:
     rng = random.Random(3)
-    detector = FitDrift()
-    stationary = [detector.update(rng.gauss(1.0, 0.3)) for _ in range(20_000)]
-    assert not any(stationary)
-    shifted = [detector.update(rng.gauss(1.6, 0.3)) for _ in range(2000)]
-    assert any(shifted[:500]), "a shift of two standard deviations went unnoticed"
-    # the restored detector has the same reference: it does not fire on what it has seen
-    restored = FitDrift(history=detector.to_state())
-    assert not any(restored.update(rng.gauss(1.6, 0.3)) for _ in range(2000))
+    detectors = Detectors(SETTINGS)
+    z = dict.fromkeys(FEATURES, 0.0)
+
+    def feed(mean: float, n: int) -> list[list[str]]:
+        return [detectors.update(z, 0, rng.gauss(mean, 0.3)) for _ in range(n)]
+
+    assert not any("fit" in fired for fired in feed(1.0, 20_000))
+    assert any("fit" in fired for fired in feed(1.6, 500)), "a rise of 2 sd went unnoticed"
+    assert not any("fit" in fired for fired in feed(0.5, 2000)), "a better fit is no drift"
+
+
+def test_feature_detector_names_the_feature_that_moved() -> None:
+    rng = random.Random(4)
+    detectors = Detectors(SETTINGS)
+
+    def profile(orders_mean: float) -> dict[str, float]:
+        return {n: rng.gauss(orders_mean if n == "orders" else 0.0, 1.0) for n in FEATURES}
+
+    assert not any("feature" in detectors.update(profile(0.0), 0, 1.0) for _ in range(20_000))
+    fired = [detectors.update(profile(1.0), 0, 1.0) for _ in range(2000)]
+    assert any("feature" in f for f in fired)
+    assert detectors.moved == ["orders"]
+
+
+def test_segment_share_psi() -> None:
+    assert psi(Counter({0: 50, 1: 50}), Counter({0: 50, 1: 50})) == 0
+    assert psi(Counter({0: 50, 1: 50}), Counter({0: 80, 1: 20})) > 0.25
+    shares = ShareShift(window=100, threshold=0.2)
+    stable = [shares.update(i % 2) for i in range(1000)]
+    assert not any(stable) and shares.psi < 0.01
+    assert any(shares.update(0 if i % 10 else 1) for i in range(200))
+
+
+def test_ids_go_to_the_minimum_total_distance_pairing() -> None:
+    old = np.array([[0.0], [2.0]])
+    new = np.array([[1.9], [3.8]])
+    # nearest-first would pair old 2.0 with 1.9 (0.1) and leave 0.0 with 3.8 (3.8);
+    # the least total distance pairs 0.0 with 1.9 and 2.0 with 3.8 (1.9 + 1.8)
+    assert match(old, new) == {0: 0, 1: 1}
+    assert match(old, np.array([[2.1], [9.0], [0.2]])) == {0: 1, 2: 0}  # 9.0 is new
+
+
+def groups(n: int, centres: list[float], rng: random.Random) -> list[dict[str, float]]:
+    """`n` profiles around each centre (on every feature), shuffled."""
+    points = [
+        {name: c + rng.gauss(0, 0.05) + 0.01 * k for k, name in enumerate(FEATURES)}
+        for c in centres
+        for _ in range(n)
+    ]
+    rng.shuffle(points)
+    return points
+
+
+def seeded(centres: list[float]) -> tuple[SegmentModel, dict[float, str]]:
+    """A model seeded on well-separated groups, and the id each group got."""
+    settings = ModelSettings(
+        n_clusters=len(centres), warmup_users=300, reservoir_size=300, adapt_after=300, seed=1
+    )
+    model = SegmentModel(settings)
+    for i, x in enumerate(groups(300 // len(centres), centres, random.Random(1))):
+        model.learn_one(f"u{i}", x, i)
+    assert model.ready
+    return model, {c: model.assign(dict.fromkeys(FEATURES, c)).segment for c in centres}
+
+
+def segments_of(model: SegmentModel, centres: Iterable[float]) -> dict[float, str]:
+    return {c: model.assign(dict.fromkeys(FEATURES, c)).segment for c in centres}
+
+
+def test_refit_keeps_every_id_on_its_group() -> None:
+    model, ids = seeded([0.0, 4.0, 8.0])
+    for i, x in enumerate(groups(100, [0.0, 4.0, 8.0], random.Random(2))):
+        model.learn_one(f"v{i}", x, 1000 + i)
+    model.lifecycle.clear()
+    model.adapt(2000)
+    assert model.version == 2
+    assert segments_of(model, ids) == ids
+    assert model.lifecycle == []  # nothing created, retired or merged
+
+
+def test_a_persistent_far_group_becomes_a_new_segment() -> None:
+    model, ids = seeded([0.0, 4.0, 8.0])
+    for i, x in enumerate(groups(75, [0.0, 4.0, 8.0, 16.0], random.Random(3))):
+        model.learn_one(f"v{i}", x, 1000 + i)
+    model.lifecycle.clear()
+    model.adapt(2000)
+    assert len(model.segments) == 4
+    assert segments_of(model, ids) == ids
+    new = segments_of(model, [16.0])[16.0]
+    assert new not in ids.values()
+    assert [(r.event, r.segment, r.model_version) for r in model.lifecycle] == [("created", new, 2)]
+
+
+def test_converged_segments_merge_and_the_retired_id_is_never_reused() -> None:
+    model, ids = seeded([0.0, 4.0, 8.0])
+    # move the 8.0 group's centre onto the 4.0 one's, as learning does when groups merge
+    index = {seg.id: i for i, seg in model.segments.items()}
+    model.kmeans.centers[index[ids[8.0]]].update(model.kmeans.centers[index[ids[4.0]]])
+    for i, x in enumerate(groups(100, [0.0, 4.0, 4.0], random.Random(4))):
+        model.learn_one(f"v{i}", x, 1000 + i)
+    model.lifecycle.clear()
+    model.adapt(2000)
+    assert {seg.id for seg in model.segments.values()} == {ids[0.0], ids[4.0]}
+    assert [(r.event, r.segment, r.into) for r in model.lifecycle] == [
+        ("merged", ids[8.0], ids[4.0])
+    ]
+    # a group appearing later gets a fresh id, not the retired one
+    for i, x in enumerate(groups(100, [0.0, 4.0, 16.0], random.Random(5))):
+        model.learn_one(f"w{i}", x, 3000 + i)
+    model.adapt(4000)
+    assert segments_of(model, [16.0])[16.0] not in ids.values()
+
+
+def test_membership_has_hysteresis() -> None:
+    model, ids = seeded([0.0, 4.0])
+    midpoint = dict.fromkeys(FEATURES, 2.0)
+    a, b = ids[0.0], ids[4.0]
+    nearest = model.assign(midpoint).segment
+    other = b if nearest == a else a
+    # at the boundary a user stays where they are, whichever side that is
+    assert model.assign(midpoint, current=other).segment == other
+    # clearly closer to the other centre: they move
+    assert model.assign(dict.fromkeys(FEATURES, 0.5), current=b).segment == a
+    assert model.assign(dict.fromkeys(FEATURES, 3.5), current=a).segment == b
+    # a segment that no longer exists holds nobody
+    assert model.assign(midpoint, current="s999").segment == nearest
 
 
 def test_incompatible_checkpoint_is_refused(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
     model, _ = model_and_profiles
     state = model.to_state()
-    with pytest.raises(ValueError, match=r"model\.n_clusters"):
-        SegmentModel.from_state(ModelSettings(n_clusters=4), state)
+    with pytest.raises(ValueError, match=r"model\.max_clusters"):
+        SegmentModel.from_state(ModelSettings(n_clusters=2, max_clusters=4), state)
     with pytest.raises(ValueError, match="format"):
         SegmentModel.from_state(SETTINGS, {**state, "format": 99})
     with pytest.raises(ValueError, match="feature"):

@@ -91,6 +91,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
         self._pending_check = False
+        self._orphaned: set[str] = set()  # ids the adopted model dropped; members to move
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
         self.report_drift = DriftReport(metrics)
@@ -187,6 +188,7 @@ class Worker:
         the first segments of users who waited for a model, pruned memberships."""
         batch = BatchWrite()
         self._sync(batch, publish)
+        self.outbox.flush()
         if batch:
             self._write(batch)
         if self.coordinator.leading and self.model.ready:
@@ -195,8 +197,16 @@ class Worker:
     def _sync(self, batch: BatchWrite, publish: bool = True) -> None:
         if publish:
             self._last_sync, self._sync_now = time.monotonic(), False
+        before = {seg.id for seg in self.model.segments.values()}
         if self.coordinator.sync(publish):
             self._pending_check = True
+            gone = before - {seg.id for seg in self.model.segments.values()}
+            self._orphaned |= gone
+            for segment in gone:
+                for gauge in (self.metrics.segment_users, self.metrics.segment_share):
+                    gauge.remove(segment)
+        for record in self.coordinator.take_lifecycle():
+            self.outbox.lifecycle(record)
         if self._pending_check and self.model.ready:
             self._assign_pending(batch)
 
@@ -210,25 +220,29 @@ class Worker:
         self.cache.drop_partitions(set(applied))
 
     def _assign_pending(self, batch: BatchWrite) -> None:
-        """First segments for waiting users (`seg:pending`) on partitions this worker owns."""
+        """Segments for waiting users on partitions this worker owns: first segments of
+        users who came before any model (`seg:pending`), and new ones for the members of
+        segments the latest model retired or merged away."""
         self._pending_check = False
         waiting = set(self.store.pending_users()) | batch.pending
-        batch.pending = set()
+        waiting |= self.store.members(self._orphaned)
+        batch.pending, self._orphaned = set(), set()
         self._load_missing(waiting)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
-        mine: dict[str, dict[str, float]] = {}
+        mine: dict[str, Profile] = {}
         for user_id in sorted(waiting):
             profile = self.cache.get(user_id)
             if profile is None:  # deleted or expired meanwhile
                 batch.assigned_pending.add(user_id)
             elif profile.owned_by(owned):
-                mine[user_id] = self.features(profile)
+                mine[user_id] = profile
             else:  # another worker's user: do not keep a copy that will go stale
                 self.cache.discard([user_id])
         if mine:
-            for user_id, assignment in zip(
-                mine, self.model.assign_many(list(mine.values())), strict=True
-            ):
+            assignments = self.model.assign_many(
+                [self.features(p) for p in mine.values()], [p.segment for p in mine.values()]
+            )
+            for user_id, assignment in zip(mine, assignments, strict=True):
                 self._assign(batch, user_id, assignment)
             batch.assigned_pending.update(mine)
 
@@ -269,8 +283,10 @@ class Worker:
         written = time.time()
         for record in records:
             self.metrics.latency.observe(max(written - record.appended_at, 0.0))
+        stored = sum(sizes.values())
         for segment, size in sizes.items():
             self.metrics.segment_users.labels(segment).set(size)
+            self.metrics.segment_share.labels(segment).set(size / stored if stored else 0.0)
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         invalid, skipped = batch.total("invalid"), batch.total("skipped")
         return BatchStats(len(records) - invalid - skipped, invalid, skipped)
@@ -344,14 +360,15 @@ class Worker:
         features = {uid: self.features(profile) for uid, profile in batch.profiles.items()}
         for uid, x in features.items():
             learned = self.coordinator.learn(uid, x, batch.profiles[uid].last_ts)
-            if learned.seeded:
-                self._sync_now = True  # publish the first model now, not at the next interval
-            if learned.drift_level is not None:
-                self.report_drift("fit", learned.drift_level, batch.profiles[uid].last_ts)
+            if learned.seeded or learned.adapted:
+                self._sync_now = True  # publish the new segments now, not at the next interval
+            for detector in learned.drifts:
+                self.report_drift(detector, learned.detail, batch.profiles[uid].last_ts)
         if not self.model.ready:
             batch.pending.update(features)
             return
-        assignments = self.model.assign_many(list(features.values()))
+        current = [batch.profiles[uid].segment for uid in features]
+        assignments = self.model.assign_many(list(features.values()), current)
         for uid, assignment in zip(features, assignments, strict=True):
             self._assign(batch, uid, assignment)
 

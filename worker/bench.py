@@ -27,7 +27,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from config.settings import Settings, to_env
 from schemas.records import RedisKeys
-from worker.embedded import EmbeddedBroker, EmbeddedRedis, free_port
+from worker.embedded import free_port
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
 from worker.profiles import Profile
@@ -375,24 +375,6 @@ def wait(condition: Callable[[], bool], timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the worker did not become ready")
         time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def servers(
-    settings: Settings, embedded: bool
-) -> Iterator[tuple[Settings, int | None, int | None]]:
-    """The broker and Redis to measure on: embedded ones, or those the settings name."""
-    if not embedded:
-        yield settings, None, None
-        return
-    with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
-        kafka = settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
-        redis = settings.redis.model_copy(update={"url": redis_server.url})
-        yield (
-            settings.model_copy(update={"kafka": kafka, "redis": redis}),
-            broker.pid,
-            redis_server.pid,
-        )
 
 
 def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -329,7 +329,8 @@ def bench(
     """Measure throughput, latency, footprint, the batch alternative and scale-out."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from worker.bench import Bench, rows, servers
+    from worker.bench import Bench, rows
+    from worker.embedded import servers
 
     settings = _settings(config)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
@@ -348,6 +349,55 @@ def bench(
     for row in rows(figures):
         table.add_row(*row)
     console.print(table)
+
+
+@app.command()
+def evaluate(
+    config: ConfigOption = None,
+    users: Annotated[int, typer.Option(min=100, help="Users in the generated shop.")] = 20_000,
+    events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = 1_200_000,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 7,
+    drifts: Annotated[
+        bool,
+        typer.Option(
+            "--drifts/--stationary", help="With the drift schedule (sale, new persona) or not."
+        ),
+    ] = True,
+    embedded: Annotated[
+        bool,
+        typer.Option(
+            "--embedded/--given",
+            help="Embedded Tansu and redis-server, or the broker and Redis of the settings.",
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Run a generated shop through the pipeline; score segments, stability and drift."""
+    from worker.embedded import servers
+    from worker.evaluate import Evaluation, rows
+
+    settings = _settings(config)
+    logging.getLogger("worker").setLevel(logging.WARNING)
+    with (
+        console.status("generating, producing and segmenting the shop"),
+        servers(settings, embedded) as (where, _, _),
+    ):
+        figures = Evaluation(where, users, events, seed, drifts).run()
+    if as_json:
+        sys.stdout.write(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    table = Table(title="segment-worker evaluate")
+    for column in ("figure", "measured", "target"):
+        table.add_column(column)
+    for row in rows(figures):
+        table.add_row(*row)
+    console.print(table)
+    segments = Table(title="segments: size and main persona")
+    for column in ("segment", "users", "persona", "purity"):
+        segments.add_column(column)
+    for segment, info in figures["segments"].items():
+        segments.add_row(segment, f"{info['users']:,}", info["persona"], f"{info['purity']:.0%}")
+    console.print(segments)
 
 
 @app.command("export-schemas")

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from config.settings import ModelSettings
+from schemas.records import SegmentLifecycle
 from worker.metrics import Metrics
 from worker.model import Learned, SegmentModel
 from worker.sink import RedisStore
@@ -36,6 +37,7 @@ class ModelCoordinator:
         self.model = SegmentModel(settings)
         self.trainer: SegmentModel | None = None
         self._unusable = -1  # revision of a publication that could not be read: say so once
+        self._lifecycle: list[SegmentLifecycle] = []  # published with the model, not yet sent
 
     @property
     def leading(self) -> bool:
@@ -84,11 +86,21 @@ class ModelCoordinator:
                 self._worker_id, orjson.dumps(state), self.trainer.revision
             ):
                 self._metrics.checkpoints.inc()
+                for record in self.trainer.lifecycle:
+                    if record.event != "drift_detected":
+                        self._metrics.lifecycle.labels(record.event).inc()
+                self._lifecycle += self.trainer.lifecycle
+                self.trainer.lifecycle = []
                 log.info(
                     "published model v%d revision %d", self.trainer.version, self.trainer.revision
                 )
             else:
                 self.trainer = None  # the lease expired between claim and publish
+
+    def take_lifecycle(self) -> list[SegmentLifecycle]:
+        """Lifecycle records of the publications so far, for `segment-lifecycle`."""
+        records, self._lifecycle = self._lifecycle, []
+        return records
 
     def release(self) -> None:
         """Hand training to another worker at once instead of after the lease expires."""
@@ -122,6 +134,11 @@ class ModelCoordinator:
         model = self._build(state) if state is not None else None
         if model is None:
             return False
+        for segment, shift in model.shift_from(self.model).items():
+            self._metrics.centroid_shift.labels(segment).set(shift)
+        for name, mean in model.scaler.means.items():
+            self._metrics.feature_mean.labels(name).set(mean)
+        self._metrics.psi.set(model.detectors.shares.psi)
         self.model = model
         self._metrics.model_version.set(model.version)
         self._metrics.model_revision.set(model.revision)

@@ -1,84 +1,153 @@
-"""Drift detection: notice when the segments stop fitting the shoppers.
+"""Drift detection: notice when the shoppers move away from what the segments describe.
 
-The signal is the distance from each profile the model learns from to its nearest
-segment centre. When behaviour moves (a sale, a new kind of visitor), profiles land
-further from every centre and the mean distance shifts. River's ADWIN watches that
-stream: it keeps an adaptive window and reports when the older and newer parts of it
-differ in mean beyond what chance explains (delta = false-alarm bound), with no
-threshold to hand-tune per shop.
+Three detectors, each watching a signal that a different kind of drift moves, all fed
+once per learned profile by the model the leader trains (`model.py`), so the group
+counts a drift once, not once per worker:
 
-The detector belongs to the model the leader trains (`model.py`), so the group counts a
-drift once, not once per worker, and it travels with the model's checkpoint: its recent
-input is stored as plain numbers and replayed into a fresh ADWIN on restore, so a
-restarted or new leader neither loses the reference nor unpickles anything from Redis.
+* `fit` — River's ADWIN over the distance from each profile to its nearest centre. When
+  behaviour moves somewhere no segment covers (a new kind of visitor), profiles land
+  further from every centre. Only a rise counts: a fall means the segments fit better.
+* `feature` — one ADWIN per feature on the standardized stream. A sale turns browsers
+  into buyers: the orders and conversion features move even while every profile still
+  lands near some centre.
+* `share` — the population stability index (PSI) of the segment shares in the latest
+  window of profiles against a reference window taken after the last (re)seeding:
+  Σ (p − q)·ln(p / q). Shoppers flowing from one segment into another move it.
+
+ADWIN keeps an adaptive window and reports when its older and newer parts differ in
+mean beyond what chance explains (delta bounds the false-alarm rate), so no per-shop
+threshold needs tuning; PSI's conventional reading (< 0.1 stable, > 0.25 a major shift)
+gives its threshold. Detectors are not checkpointed as such: the model stores its
+reservoir of recent profiles, and a restored model replays it through fresh detectors
+(plain numbers from Redis, nothing unpickled).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections import Counter
 
 from river import drift
 
+from config.settings import ModelSettings
+from worker.features import FEATURES
 from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("fit",)
+DETECTORS = ("fit", "feature", "share")
 
 
-class FitDrift:
-    """ADWIN over the distances of learned profiles to their nearest centre, restorable
-    from its last `HISTORY` inputs."""
+def psi(reference: Counter[int], current: Counter[int]) -> float:
+    """Population stability index between two histograms over the same bins."""
+    ref_total, cur_total = sum(reference.values()), sum(current.values())
+    index = 0.0
+    for segment in reference.keys() | current.keys():
+        p = max(current[segment] / cur_total, 1e-4)
+        q = max(reference[segment] / ref_total, 1e-4)
+        index += (p - q) * math.log(p / q)
+    return index
 
-    HISTORY = 2000
 
-    def __init__(self, delta: float = 0.002, history: Iterable[float] = ()) -> None:
-        self._adwin = drift.ADWIN(delta=delta)
-        self._recent: deque[float] = deque(maxlen=self.HISTORY)
-        for distance in history:
-            self.update(float(distance))
+class ShareShift:
+    """PSI of segment shares over consecutive windows against the first one."""
+
+    def __init__(self, window: int, threshold: float) -> None:
+        self._window = window
+        self._threshold = threshold
+        self._reference: Counter[int] | None = None
+        self._current: Counter[int] = Counter()
+        self.psi = 0.0
+
+    def update(self, segment: int) -> bool:
+        self._current[segment] += 1
+        if self._current.total() < self._window:
+            return False
+        window, self._current = self._current, Counter()
+        if self._reference is None:
+            self._reference = window
+            return False
+        self.psi = psi(self._reference, window)
+        return self.psi > self._threshold
+
+    def reset(self) -> None:
+        """Take the next window as the reference (the segments just changed)."""
+        self._reference, self._current, self.psi = None, Counter(), 0.0
+
+
+class Detectors:
+    """The three detectors over the stream of learned profiles."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self._fit = drift.ADWIN(delta=settings.fit_drift_delta)
+        self._features = {
+            name: drift.ADWIN(delta=settings.feature_drift_delta) for name in FEATURES
+        }
+        self.shares = ShareShift(settings.psi_window, settings.psi_threshold)
+        self.moved: list[str] = []  # the features whose detector fired last
 
     @property
-    def level(self) -> float:
-        """The mean distance over ADWIN's current window."""
-        return float(self._adwin.estimation)
+    def fit_level(self) -> float:
+        """The mean distance to the nearest centre over the fit detector's window."""
+        return float(self._fit.estimation)
 
-    def update(self, distance: float) -> bool:
-        """Feed one distance; True when it revealed drift."""
-        self._recent.append(distance)
-        self._adwin.update(distance)
-        return bool(self._adwin.drift_detected)
+    def update(self, z: dict[str, float], segment: int, distance: float) -> list[str]:
+        """Feed one learned profile (standardized); the detectors that fired."""
+        fired = []
+        before = self._fit.estimation
+        self._fit.update(distance)
+        if self._fit.drift_detected and self._fit.estimation > before:
+            fired.append("fit")
+        moved = []
+        for name, detector in self._features.items():
+            detector.update(z[name])
+            if detector.drift_detected:
+                moved.append(name)
+        if moved:
+            self.moved = moved
+            fired.append("feature")
+        if self.shares.update(segment):
+            fired.append("share")
+        return fired
 
-    def to_state(self) -> list[float]:
-        return [round(d, 6) for d in self._recent]
+    def describe(self, detector: str) -> str:
+        """What the detector saw, for the log."""
+        if detector == "fit":
+            return f"mean distance to segment centres now {self.fit_level:.2f}"
+        if detector == "feature":
+            return "features moved: " + ", ".join(self.moved)
+        return f"segment shares PSI {self.shares.psi:.3f}"
+
+    def segments_changed(self) -> None:
+        """The centres were refitted: distances and shares start a new reference."""
+        self._fit = drift.ADWIN(delta=self._fit.delta)
+        self.shares.reset()
 
 
 class DriftReport:
-    """Counts detections and logs them, at most a line a minute."""
+    """Counts detections and logs them, at most a line a minute per detector."""
 
     LOG_EVERY_S = 60.0
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._unlogged = 0
-        self._logged_at = -self.LOG_EVERY_S
+        self._unlogged: Counter[str] = Counter()
+        self._logged_at: dict[str, float] = {}
         for detector in DETECTORS:
             metrics.drift.labels(detector)
 
-    def __call__(self, detector: str, level: float, event_ts: int) -> None:
+    def __call__(self, detector: str, detail: str, event_ts: int) -> None:
         self._metrics.drift.labels(detector).inc()
-        self._unlogged += 1
+        self._unlogged[detector] += 1
         now = time.monotonic()
-        if now - self._logged_at >= self.LOG_EVERY_S:
+        if now - self._logged_at.get(detector, -self.LOG_EVERY_S) >= self.LOG_EVERY_S:
             log.info(
-                "drift (%s): %d detection(s); mean distance to segment centres now %.2f "
-                "(event time %d)",
+                "drift (%s): %d detection(s); %s (event time %d)",
                 detector,
-                self._unlogged,
-                level,
+                self._unlogged[detector],
+                detail,
                 event_ts,
             )
-            self._unlogged, self._logged_at = 0, now
+            self._unlogged[detector], self._logged_at[detector] = 0, now

@@ -17,12 +17,15 @@ import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import redis
+
+from config.settings import Settings
 
 
 class EmbeddedError(RuntimeError):
@@ -250,3 +253,21 @@ class EmbeddedRedis(_ChildServer):
         scheme = "rediss" if self._tls else "redis"
         auth = f":{self._password}@" if self._password else ""
         return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+
+@contextlib.contextmanager
+def servers(
+    settings: Settings, embedded: bool
+) -> Iterator[tuple[Settings, int | None, int | None]]:
+    """The broker and Redis to measure on: embedded ones, or those the settings name."""
+    if not embedded:
+        yield settings, None, None
+        return
+    with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
+        kafka = settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
+        redis = settings.redis.model_copy(update={"url": redis_server.url})
+        yield (
+            settings.model_copy(update={"kafka": kafka, "redis": redis}),
+            broker.pid,
+            redis_server.pid,
+        )

@@ -53,7 +53,7 @@ class FeatureExtractor:
             "conversion": min(purchases / max(profile.sessions, 1.0), 1.0),
             "aov": math.log1p(profile.aov),
             "view_to_cart": min(carts / views, 1.0) if views else 0.0,
-            "cart_to_purchase": min(purchases / carts, 1.0) if carts else float(purchases > 0),
+            "cart_to_purchase": min(purchases / max(carts, 1.0), 1.0),
             "search_share": counts.get("search", 0.0) / browsing if browsing else 0.0,
             "price_level": math.log1p(profile.mean_price),
             "purchase_recency_days": max(recency, 0.0),

@@ -12,7 +12,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from schemas.events import CLICK_TYPES
@@ -33,7 +33,8 @@ class Persona:
     price: float
     items_per_order: float = 1.5
     joins_at: float = 0.0  # fraction of the timeline before the user appears
-    stops_buying_at: float = 1.0  # fraction of the timeline after which they only browse
+    buy_changes_at: float = 1.0  # fraction of the user's active span after which they
+    buy_after: float = 0.0  # buy this often per session instead
     categories: tuple[str, ...] = CATEGORIES
 
 
@@ -45,7 +46,7 @@ PERSONAS: tuple[Persona, ...] = (
     Persona(
         "loyal_big_spender",
         0.15,
-        0.9,
+        0.18,
         10,
         _mix(page_view=2, product_view=5, search=1, add_to_cart=3, checkout_start=1.5),
         buy_per_session=0.55,
@@ -56,7 +57,7 @@ PERSONAS: tuple[Persona, ...] = (
     Persona(
         "bargain_hunter",
         0.2,
-        0.8,
+        0.16,
         14,
         _mix(
             page_view=2,
@@ -73,36 +74,36 @@ PERSONAS: tuple[Persona, ...] = (
     Persona(
         "window_shopper",
         0.25,
-        0.6,
+        0.16,
         9,
         _mix(page_view=4, product_view=6, search=1, wishlist_add=1.5),
         buy_per_session=0.0,
-        price=70,
+        price=100,
     ),
     Persona(
         "new_visitor",
         0.15,
-        1.0,
-        4,
+        0.2,
+        5,
         _mix(page_view=5, product_view=3, search=1),
         buy_per_session=0.02,
-        price=45,
+        price=32,
         joins_at=0.7,
     ),
     Persona(
         "lapsing_customer",
         0.15,
-        0.35,
+        0.15,
         7,
         _mix(page_view=4, product_view=4, search=1, add_to_cart=1),
-        buy_per_session=0.45,
+        buy_per_session=0.85,
         price=60,
-        stops_buying_at=0.3,
+        buy_changes_at=0.35,
     ),
     Persona(
         "cart_abandoner",
         0.1,
-        0.7,
+        0.14,
         10,
         _mix(page_view=1, product_view=4, add_to_cart=5, remove_from_cart=2, checkout_start=3),
         buy_per_session=0.03,
@@ -111,21 +112,43 @@ PERSONAS: tuple[Persona, ...] = (
 )
 
 
+SALE_AT = 0.45  # the sale starts at this fraction of the timeline ...
+SALE_BUY_PER_SESSION = 0.3  # ... and window shoppers start buying
+ARRIVING = "new_visitor"  # the persona that appears mid-stream (its `joins_at`)
+
+
 @dataclass(slots=True)
 class Shop:
-    """The generated stream: events in event-time order and each user's persona."""
+    """The generated stream: events in event-time order, each user's persona (ground
+    truth), and the event time (epoch ms) at which each scheduled drift starts."""
 
     events: list[dict[str, object]] = field(default_factory=list)
     truth: dict[str, str] = field(default_factory=dict)
+    drifts: dict[str, int] = field(default_factory=dict)
 
 
-def generate(users: int, events: int, seed: int = 7) -> Shop:
+def scenario(drifts: bool) -> tuple[Persona, ...]:
+    """The personas of a run. With `drifts`, the drift schedule: a sale turns window
+    shoppers into buyers at `SALE_AT`, and new visitors appear at their `joins_at`.
+    Without, a stationary shop: the other personas, behaving the same throughout."""
+    if not drifts:
+        return tuple(p for p in PERSONAS if p.name != ARRIVING)
+    return tuple(
+        replace(p, buy_changes_at=SALE_AT, buy_after=SALE_BUY_PER_SESSION)
+        if p.name == "window_shopper"
+        else p
+        for p in PERSONAS
+    )
+
+
+def generate(users: int, events: int, seed: int = 7, drifts: bool = True) -> Shop:
     """`events` events from `users` users, sorted by event time.
 
     The timeline's length is chosen so the personas' rates produce at least `events`
     events; the stream is then cut to exactly that many.
     """
-    personas = random.Random(seed).choices(PERSONAS, weights=[p.share for p in PERSONAS], k=users)
+    cast = scenario(drifts)
+    personas = random.Random(seed).choices(cast, weights=[p.share for p in cast], k=users)
     days = _timeline_for(personas, events)
     while True:  # the rates are expectations: lengthen the timeline if the draw fell short
         rng = random.Random(seed)
@@ -140,7 +163,19 @@ def generate(users: int, events: int, seed: int = 7) -> Shop:
     shop = Shop(events=[event for _, _, event in timed[:events]])
     seen = {str(e["user_id"]) for e in shop.events}
     shop.truth = {f"u-{i}": p.name for i, p in enumerate(personas) if f"u-{i}" in seen}
+    if drifts:
+        arrivals = [event_ms(e) for e in shop.events if shop.truth[str(e["user_id"])] == ARRIVING]
+        shop.drifts = {"sale": START_MS + int(SALE_AT * days * DAY_MS)}
+        if arrivals:
+            shop.drifts["new_persona"] = min(arrivals)
     return shop
+
+
+def event_ms(event: dict[str, object]) -> int:
+    ts = event["timestamp"]
+    if isinstance(ts, int):
+        return ts
+    return int(datetime.fromisoformat(str(ts)).timestamp() * 1000)
 
 
 def _timeline_for(personas: list[Persona], events: int) -> float:
@@ -174,7 +209,7 @@ def _user_events(
 ) -> Iterator[tuple[int, dict[str, object]]]:
     start = p.joins_at * days * rng.uniform(0.9, 1.1) if p.joins_at else 0.0
     active = days - start
-    stop_buying = start + p.stops_buying_at * active
+    buy_change = start + p.buy_changes_at * active
     n_sessions = max(1, _poisson(rng, p.sessions_per_day * active))
     favourites = rng.sample(p.categories, k=min(2, len(p.categories)))
     counter = 0
@@ -201,7 +236,7 @@ def _user_events(
             if kind == "add_to_cart":
                 cart.append((product_id, category, price))
             yield ts, event
-        buy_p = p.buy_per_session if day < stop_buying else 0.0
+        buy_p = p.buy_per_session if day < buy_change else p.buy_after
         if rng.random() < buy_p:
             ts += rng.randint(10_000, 120_000)
             counter += 1

@@ -75,6 +75,37 @@ class Metrics:
             ["detector"],
             registry=r,
         )
+        self.feature_mean = Gauge(
+            "segmentation_feature_mean",
+            "Population mean of each model feature (original units) in the model in use.",
+            ["feature"],
+            registry=r,
+        )
+        self.segment_share = Gauge(
+            "segmentation_segment_share",
+            "Share of the stored users in each segment.",
+            ["segment"],
+            registry=r,
+        )
+        self.centroid_shift = Gauge(
+            "segmentation_segment_centroid_shift",
+            "How far each segment's centre moved (standardized units) at the last model "
+            "update this worker adopted.",
+            ["segment"],
+            registry=r,
+        )
+        self.psi = Gauge(
+            "segmentation_segment_psi",
+            "Population stability index of the segment shares, latest window against the "
+            "reference window (> model.psi_threshold counts as drift).",
+            registry=r,
+        )
+        self.lifecycle = Counter(
+            "segmentation_segment_lifecycle",
+            "Segments created, retired or merged by the model (counted by the leader).",
+            ["event"],
+            registry=r,
+        )
         self.model_version = Gauge(
             "segmentation_model_version", "Version of the segment model in use.", registry=r
         )

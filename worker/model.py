@@ -1,46 +1,64 @@
-"""River clustering behind stable, named segment ids.
+"""River clustering behind stable, named segment ids that adapt to drift.
 
 The model of record is River: a `StandardScaler` learns the population online and a
-`KMeans` learns the segment centres online. Two things River does not do are added here:
+`KMeans` learns the segment centres online. What River does not do is added here:
 
 * Seeding. River's KMeans starts from random Gaussian centres, which strands centres in
-  empty space. Instead the first `warmup_users` profiles are buffered, a k-means++
-  seeded batch k-means (scikit-learn) is fitted on them, and its centres become River's
-  starting centres. Users seen during warm-up get their segment at that moment.
+  empty space. Instead the profiles learned first fill the reservoir, a k-means++ seeded
+  batch k-means (scikit-learn) is fitted on `warmup_users` of them, and its centres
+  become River's starting centres.
 * Identity. Consumers of `seg:user:*` need segment ids that keep their meaning, and
-  people need names. Each River cluster index is bound to a stable id (`s1`, `s2`, ...)
-  and named from its centroid in original units compared with the population.
+  people need names. Each River centre is bound to a stable id (`s1`, `s2`, ...) and
+  named from its centroid in original units compared with the population.
+* Adaptation. The model keeps a reservoir of the latest profile of each of the last
+  `reservoir_size` users it learned from. When a detector (`drift.py`) fires, it waits
+  for `adapt_after` more profiles, then refits the centres on the reservoir: centres
+  closer than `merge_distance` merge; a k+1 fit whose extra cluster holds at least
+  `new_segment_share` of the profiles, and ones far from every existing segment (mean
+  distance `new_segment_distance`), adds a segment. New centres take the old ids by a
+  minimum-total-distance matching (Hungarian, not nearest-first) against each id's
+  anchor, its centre at the last refit (River's centres wander as they learn, and one
+  dragged toward a new group must not hand its id to that group); the k+1 fit's extra
+  cluster gets a new id, and an id left without a match is retired, never reused.
+* Membership. `assign_many` keeps a user in their current segment unless another centre
+  is closer by more than `switch_margin` (relative), so boundary users do not flap.
 
 Learning and assigning are separate calls so that one worker can train while every
 worker assigns with the same published snapshot (see `worker/coordination.py`).
-`version` counts model generations (1 after seeding); `revision` counts publications.
+`version` counts model generations (1 after seeding, +1 per adaptation); `revision`
+counts publications.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from river import cluster, preprocessing
+from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans as BatchKMeans
 
 from config.settings import ModelSettings
-from worker.drift import FitDrift
+from schemas.records import SegmentLifecycle
+from worker.drift import Detectors
 from worker.features import FEATURES
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Learned:
-    """What learning one profile revealed: warm-up just ended (`seeded`), or the fit
-    detector fired (`drift_level`, the mean distance it now sees)."""
+    """What learning one profile revealed: warm-up just ended (`seeded`), detectors that
+    fired (`drifts`), or the segments were refitted (`adapted`)."""
 
     seeded: bool = False
-    drift_level: float | None = None
+    drifts: tuple[str, ...] = ()
+    detail: str = ""  # what the detectors saw, for the log
+    adapted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +91,7 @@ class Segment:
 
 
 class SegmentModel:
-    """Scaler + KMeans + warm-up seeding + the registry of stable segment ids."""
+    """Scaler + KMeans + seeding, adaptation and the registry of stable segment ids."""
 
     def __init__(self, settings: ModelSettings) -> None:
         self._settings = settings
@@ -85,46 +103,76 @@ class SegmentModel:
         self.revision = 0
         self.segments: dict[int, Segment] = {}
         self._next_id = 1
-        self._warmup: dict[str, dict[str, float]] = {}
-        self.fit_drift = FitDrift()
+        self.reservoir: OrderedDict[str, dict[str, float]] = OrderedDict()
+        # Each segment's centre as of its last (re)fit, in original units: what its id
+        # means. River's centres wander with learning; ids are matched on anchors.
+        self.anchors: dict[int, dict[str, float]] = {}
+        self.detectors = Detectors(settings)
+        self.lifecycle: list[SegmentLifecycle] = []  # not yet published
+        self._adapt_in: int | None = None  # learned profiles until a scheduled adaptation
 
     @property
     def ready(self) -> bool:
         return self.version > 0
 
     def learn_one(self, user_id: str, x: dict[str, float], event_ts: int) -> Learned:
-        """Learn from one profile, watching how far it lands from the segment centres."""
+        """Learn from one profile, watching for drift and adapting when it is seen."""
         self.scaler.learn_one(x)
-        if self.ready:
-            z = self.scaler.transform_one(x)
-            index = self.kmeans.learn_predict_one(z)
-            # River moved that centre toward z by the learning rate, so its distance
-            # before the move (what the detector watches) is the distance now, scaled back
-            distance = self._distance(z, index) / (1 - self.kmeans.halflife)
-            drifted = self.fit_drift.update(distance)
-            return Learned(drift_level=self.fit_drift.level if drifted else None)
-        self._warmup[user_id] = x
-        if len(self._warmup) < self._settings.warmup_users:
-            return Learned()
-        self._seed(event_ts)
-        self._warmup = {}
-        return Learned(seeded=True)
+        self.reservoir[user_id] = x
+        self.reservoir.move_to_end(user_id)
+        if len(self.reservoir) > self._settings.reservoir_size:
+            self.reservoir.popitem(last=False)
+        if not self.ready:
+            if len(self.reservoir) < self._settings.warmup_users:
+                return Learned()
+            self._seed(event_ts)
+            return Learned(seeded=True)
+        z = self.scaler.transform_one(x)
+        index = self.kmeans.learn_predict_one(z)
+        # River moved that centre toward z by the learning rate, so its distance
+        # before the move (what the detector watches) is the distance now, scaled back
+        distance = self._distance(z, index) / (1 - self.kmeans.halflife)
+        drifts = tuple(self.detectors.update(z, index, distance))
+        for detector in drifts:
+            self.lifecycle.append(self._event("drift_detected", event_ts, detector=detector))
+        if self._adapt_in is None and ("fit" in drifts or "share" in drifts):
+            self._adapt_in = self._settings.adapt_after
+        detail = "; ".join(self.detectors.describe(detector) for detector in drifts)
+        if self._adapt_in is not None:
+            self._adapt_in -= 1
+            if self._adapt_in <= 0:
+                self._adapt_in = None
+                self.adapt(event_ts)
+                return Learned(drifts=drifts, detail=detail, adapted=True)
+        return Learned(drifts=drifts, detail=detail)
 
     def forget(self, user_id: str) -> None:
-        """Drop a deleted user from the warm-up buffer."""
-        self._warmup.pop(user_id, None)
+        """Drop a deleted user's profile from the reservoir."""
+        self.reservoir.pop(user_id, None)
 
-    def assign(self, x: dict[str, float]) -> Assignment:
-        """The nearest segment to a profile, without learning from it."""
-        return self.assign_many([x])[0]
+    def assign(self, x: dict[str, float], current: str | None = None) -> Assignment:
+        """The segment for a profile, without learning from it."""
+        return self.assign_many([x], [current])[0]
 
-    def assign_many(self, xs: Sequence[dict[str, float]]) -> list[Assignment]:
-        """The nearest segment to each profile: one vectorized pass for a whole batch."""
+    def assign_many(
+        self, xs: Sequence[dict[str, float]], current: Sequence[str | None] | None = None
+    ) -> list[Assignment]:
+        """The segment of each profile, in one vectorized pass: the nearest one, unless
+        the user's `current` segment is within `switch_margin` of it."""
         distances = self._distances(xs)
         segments = [self.segments[index] for index in sorted(self.segments)]
+        nearest = distances.argmin(axis=1)
+        if current is not None:
+            column = {seg.id: i for i, seg in enumerate(segments)}
+            keep = 1 + self._settings.switch_margin
+            for row, segment in enumerate(current):
+                stay = column.get(segment) if segment is not None else None
+                best = distances[row, nearest[row]]
+                if stay is not None and distances[row, stay] <= best * keep:
+                    nearest[row] = stay
         return [
-            Assignment(segments[nearest].id, segments[nearest].name, float(row[nearest]))
-            for row, nearest in zip(distances, distances.argmin(axis=1), strict=True)
+            Assignment(segments[i].id, segments[i].name, float(row[i]))
+            for row, i in zip(distances, nearest, strict=True)
         ]
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
@@ -136,8 +184,8 @@ class SegmentModel:
         }
 
     def explain(self, x: dict[str, float]) -> tuple[Assignment, dict[str, float], list[Pull]]:
-        """The assignment, the distance to every segment, and each feature's pull toward
-        the assigned segment against the runner-up (strongest first)."""
+        """The nearest segment, the distance to every segment, and each feature's pull
+        toward it against the runner-up (strongest first)."""
         distances = self.distances(x)
         (nearest, _), (runner_up, _) = sorted(distances.items(), key=lambda kv: kv[1])[:2]
         index = {seg.id: i for i, seg in self.segments.items()}
@@ -159,42 +207,140 @@ class SegmentModel:
         ]
         return assignment, distances, sorted(pulls, key=lambda p: -p.pull)
 
-    def _distances(self, xs: Sequence[dict[str, float]]) -> np.ndarray:
-        """Euclidean distances, (profiles × segments), after River's scaling (a feature
-        without variance scales to 0, as in `StandardScaler.transform_one`)."""
+    def _standardized(self, xs: Sequence[dict[str, float]]) -> np.ndarray:
+        """Profiles as rows after River's scaling (a feature without variance scales to
+        0, as in `StandardScaler.transform_one`)."""
         x = np.array([[row[name] for name in FEATURES] for row in xs], dtype=float)
         means = np.array([self.scaler.means[name] for name in FEATURES])
         stds = np.sqrt([self.scaler.vars[name] for name in FEATURES])
-        z = np.divide(x - means, stds, out=np.zeros_like(x), where=stds > 0)
-        centers = np.array(
+        return np.asarray(np.divide(x - means, stds, out=np.zeros_like(x), where=stds > 0))
+
+    def _centres(self) -> np.ndarray:
+        """The centres as rows, in the order of `sorted(self.segments)`."""
+        return np.array(
             [[self.kmeans.centers[i][name] for name in FEATURES] for i in sorted(self.segments)]
         )
-        return np.asarray(np.sqrt(((z[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)))
+
+    def _distances(self, xs: Sequence[dict[str, float]]) -> np.ndarray:
+        """Euclidean distances, (profiles × segments), in standardized units."""
+        return pairwise(self._standardized(xs), self._centres())
 
     def _distance(self, z: dict[str, float], index: int) -> float:
         center = self.kmeans.centers[index]
         return math.sqrt(sum((z[name] - center[name]) ** 2 for name in FEATURES))
 
-    def _seed(self, event_ts: int) -> None:
-        points = np.array(
-            [
-                [z[name] for name in FEATURES]
-                for z in map(self.scaler.transform_one, self._warmup.values())
-            ]
-        )
-        batch = BatchKMeans(
-            n_clusters=self._settings.n_clusters,
-            init="k-means++",
-            n_init=4,
-            random_state=self._settings.seed,
+    def _fit(self, points: np.ndarray, k: int) -> BatchKMeans:
+        return BatchKMeans(
+            n_clusters=k, init="k-means++", n_init=4, random_state=self._settings.seed
         ).fit(points)
-        for index, center in enumerate(batch.cluster_centers_):
-            self.kmeans.centers[index].clear()
-            self.kmeans.centers[index].update(zip(FEATURES, map(float, center), strict=True))
-            self.segments[index] = Segment(id=f"s{self._next_id}", created_at=event_ts)
-            self._next_id += 1
+
+    def _seed(self, event_ts: int) -> None:
+        fit = self._fit(
+            self._standardized(list(self.reservoir.values())), self._settings.n_clusters
+        )
         self.version = 1
+        self._bind({}, fit.cluster_centers_, event_ts)
         self.rename()
+
+    def adapt(self, event_ts: int) -> None:
+        """Refit the centres on the reservoir (merge, add, re-seed) and carry the ids over."""
+        points = self._standardized(list(self.reservoir.values()))
+        previous = dict(self.segments)
+        order = sorted(previous)
+        merged = self._converged(dict(zip(order, self._centres(), strict=True)))
+        anchors = self._standardized([self.anchors[i] for i in order])
+        old = dict(zip(order, anchors, strict=True))
+        survivors = {i: c for i, c in old.items() if i not in merged}
+        fit = self._fit(points, len(survivors))
+        if len(survivors) < self._settings.max_clusters:
+            wider = self._fit(points, len(survivors) + 1)
+            if self._holds_new_segment(points, np.array(list(survivors.values())), wider):
+                fit = wider
+        self.version += 1
+        kept = self._bind(survivors, fit.cluster_centers_, event_ts)
+        for index, segment in previous.items():
+            if index in kept:
+                continue
+            into = merged.get(index)
+            if into in kept:
+                self.lifecycle.append(
+                    self._event("merged", event_ts, segment=segment.id, into=previous[into].id)
+                )
+            else:
+                self.lifecycle.append(self._event("retired", event_ts, segment=segment.id))
+        self.rename()
+        self.detectors.segments_changed()
+
+    def _converged(self, old: dict[int, np.ndarray]) -> dict[int, int]:
+        """Centres closer than `merge_distance` to an older one: {absorbed: into}."""
+        merged: dict[int, int] = {}
+        by_age = sorted(old, key=lambda i: (self.segments[i].created_at, i))
+        for n, younger in enumerate(by_age):
+            for older in by_age[:n]:
+                if older in merged:
+                    continue
+                if np.linalg.norm(old[younger] - old[older]) < self._settings.merge_distance:
+                    merged[younger] = older
+                    break
+        return merged
+
+    def _holds_new_segment(self, points: np.ndarray, old: np.ndarray, wider: BatchKMeans) -> bool:
+        """Whether the k+1 fit's cluster left unmatched by the old centres is a segment of
+        its own: enough of the profiles, and ones the old centres fit badly (their mean
+        distance to the nearest old centre at least `new_segment_distance`)."""
+        matched = match(old, wider.cluster_centers_)
+        extra = next(j for j in range(len(wider.cluster_centers_)) if j not in matched)
+        members = points[wider.labels_ == extra]
+        misfit = float(pairwise(members, old).min(axis=1).mean()) if len(members) else 0.0
+        return (
+            len(members) >= self._settings.new_segment_share * len(points)
+            and misfit >= self._settings.new_segment_distance
+        )
+
+    def _bind(self, old: dict[int, np.ndarray], centres: np.ndarray, event_ts: int) -> set[int]:
+        """Install `centres` as River's. Each takes the id of the `old` centre the
+        minimum-total-distance matching pairs it with; one left over (the k+1 fit's new
+        cluster) gets a new id. Returns the old indices kept."""
+        indices = list(old)
+        rows = match(np.array([old[i] for i in indices]), centres) if indices else {}
+        pairs = {row: indices[o] for row, o in rows.items()}  # row of `centres` -> old index
+        previous, self.segments, self.kmeans.centers, self.anchors = self.segments, {}, {}, {}
+        fresh = max(previous, default=-1) + 1
+        for row, centre in enumerate(centres):
+            if row in pairs:
+                index = pairs[row]
+                self.segments[index] = previous[index]
+            else:
+                index, fresh = fresh, fresh + 1
+                self.segments[index] = Segment(id=f"s{self._next_id}", created_at=event_ts)
+                self._next_id += 1
+                self.lifecycle.append(
+                    self._event("created", event_ts, segment=f"s{self._next_id - 1}")
+                )
+            self.anchors[index] = {
+                name: self.scaler.means[name] + float(value) * math.sqrt(self.scaler.vars[name])
+                for name, value in zip(FEATURES, centre, strict=True)
+            }
+            self.kmeans.centers[index] = defaultdict(
+                float, zip(FEATURES, map(float, centre), strict=True)
+            )
+        return set(pairs.values())
+
+    def _event(self, event: str, event_ts: int, **fields: str | None) -> SegmentLifecycle:
+        return SegmentLifecycle(
+            event=event, model_version=self.version, timestamp=event_ts, **fields
+        )
+
+    def shift_from(self, other: SegmentModel) -> dict[str, float]:
+        """How far each segment's centre moved since `other` (standardized units)."""
+        before = {seg.id: other.kmeans.centers[i] for i, seg in other.segments.items()}
+        return {
+            seg.id: math.sqrt(
+                sum((self.kmeans.centers[i][n] - before[seg.id][n]) ** 2 for n in FEATURES)
+            )
+            for i, seg in self.segments.items()
+            if seg.id in before
+        }
 
     def centroid(self, index: int) -> dict[str, float]:
         """A segment's centre in original feature units (undoing the scaler)."""
@@ -216,7 +362,6 @@ class SegmentModel:
         return {
             "format": CHECKPOINT_FORMAT,
             "features": list(FEATURES),
-            "n_clusters": self._settings.n_clusters,
             "version": self.version,
             "revision": self.revision,
             "next_id": self._next_id,
@@ -229,40 +374,75 @@ class SegmentModel:
             "segments": {
                 str(i): {"id": s.id, "created_at": s.created_at} for i, s in self.segments.items()
             },
-            "drift": {"fit": self.fit_drift.to_state()},
+            "anchors": {str(i): a for i, a in self.anchors.items()},
+            "reservoir": [
+                [round(x[name], 6) for name in FEATURES] for x in self.reservoir.values()
+            ],
+            "adapt_in": self._adapt_in,
+            "psi": self.detectors.shares.psi,
         }
 
     @classmethod
     def from_state(cls, settings: ModelSettings, state: dict[str, Any]) -> SegmentModel:
-        """Rebuild a model from `to_state()`; ValueError when it does not fit the settings."""
+        """Rebuild a model from `to_state()`; ValueError when it does not fit the settings.
+
+        The detectors are rebuilt by replaying the reservoir through them."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}"
             )
         if state.get("features") != list(FEATURES):
             raise ValueError("checkpoint was made with a different feature set")
-        if state.get("n_clusters") != settings.n_clusters:
+        if len(state["centers"]) > settings.max_clusters:
             raise ValueError(
-                f"checkpoint has {state.get('n_clusters')} clusters, settings ask for "
-                f"{settings.n_clusters} (model.n_clusters)"
+                f"checkpoint has {len(state['centers'])} segments, more than "
+                f"model.max_clusters ({settings.max_clusters})"
             )
         model = cls(settings)
         scaler = state["scaler"]
         model.scaler = preprocessing.StandardScaler._from_state(
             scaler["counts"], scaler["means"], scaler["vars"]
         )
-        for index, center in state["centers"].items():
-            model.kmeans.centers[int(index)].clear()
-            model.kmeans.centers[int(index)].update(center)
+        model.kmeans.centers = {
+            int(i): defaultdict(float, center) for i, center in state["centers"].items()
+        }
         model.segments = {int(i): Segment(**s) for i, s in state["segments"].items()}
+        model.anchors = {int(i): a for i, a in state["anchors"].items()}
         model.version = int(state["version"])
         model.revision = int(state["revision"])
         model._next_id = int(state["next_id"])
-        # absent from checkpoints written before detectors were part of the model
-        model.fit_drift = FitDrift(history=state.get("drift", {}).get("fit", []))
+        model._adapt_in = state["adapt_in"]
+        reservoir = [
+            dict(zip(FEATURES, map(float, row), strict=True)) for row in state["reservoir"]
+        ]
+        model.reservoir = OrderedDict((f"restored-{n}", x) for n, x in enumerate(reservoir))
         if model.ready:
             model.rename()
+            model._replay(reservoir)
+        model.detectors.shares.psi = float(state["psi"])
         return model
+
+    def _replay(self, xs: list[dict[str, float]]) -> None:
+        """Feed profiles through the detectors without learning (their alarms dropped)."""
+        if not xs:
+            return
+        distances = self._distances(xs)
+        order = sorted(self.segments)
+        for x, row in zip(xs, distances, strict=True):
+            nearest = int(row.argmin())
+            self.detectors.update(self.scaler.transform_one(x), order[nearest], float(row[nearest]))
+
+
+def match(old: np.ndarray, new: np.ndarray) -> dict[int, int]:
+    """{row of `new`: row of `old`} pairing old and new centres with the least total
+    distance (Hungarian); with more new centres than old, the extra ones stay unpaired."""
+    rows, cols = linear_sum_assignment(pairwise(old, new))
+    return {int(c): int(r) for r, c in zip(rows, cols, strict=True)}
+
+
+def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of `a` and the rows of `b`."""
+    return np.asarray(np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)))
 
 
 def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]:

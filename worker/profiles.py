@@ -121,7 +121,7 @@ class ProfileUpdater:
         if isinstance(event, PurchaseEvent):
             self._fold_purchase(profile, event, weight)
         else:
-            if event.price is not None and event.event_type == "product_view":
+            if event.price is not None:
                 profile.price_sum += weight * event.price
                 profile.price_weight += weight
             if event.category is not None:

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.settings import KafkaSettings, RedisSettings
-from schemas.records import KEY_FORMAT, RedisKeys, SegmentChange, UserSegment
+from schemas.records import KEY_FORMAT, RedisKeys, SegmentChange, SegmentLifecycle, UserSegment
 from worker.decode import DeadLetter
 from worker.metrics import Metrics
 from worker.profiles import DAY_MS, Profile
@@ -271,7 +271,8 @@ class RedisStore:
                         "model_version": model_version,
                     },
                 )
-            if described:
+            if described:  # exactly the live ids: retired ones keep their hash, for history
+                pipe.delete(keys.segments)
                 pipe.sadd(keys.segments, *(snap.id for snap in described))
             if batch.pending:
                 pipe.sadd(keys.pending, *batch.pending)
@@ -326,6 +327,21 @@ class RedisStore:
             return sum(pipe.execute())
 
         return self._call("expire_members", expire)
+
+    def members(self, segment_ids: Iterable[str]) -> set[str]:
+        """Every user stored as a member of these segments."""
+
+        def read() -> set[str]:
+            pipe = self._redis.pipeline(transaction=False)
+            for segment_id in segment_ids:
+                pipe.zrange(self._keys.members(segment_id), 0, -1)
+            return {
+                m.decode() if isinstance(m, bytes) else str(m)
+                for members in pipe.execute()
+                for m in members
+            }
+
+        return self._call("load_members", read)
 
     def pending_users(self) -> list[str]:
         members = self._call("load_pending", lambda: self._redis.smembers(self._keys.pending))
@@ -388,6 +404,12 @@ class KafkaOutbox:
                 orjson.dumps(change.model_dump(by_alias=True)),
                 [],
             )
+        )
+
+    def lifecycle(self, record: SegmentLifecycle) -> None:
+        key = (record.segment or record.detector or "").encode()
+        self._pending.append(
+            (self._settings.lifecycle_topic, key, orjson.dumps(record.model_dump()), [])
         )
 
     def flush(self) -> None:

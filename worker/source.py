@@ -269,7 +269,12 @@ def ensure_topics(settings: KafkaSettings, partitions: int) -> None:
     admin = KafkaAdminClient(**kafka_client_config(settings))
     try:
         existing = set(admin.list_topics())
-        wanted = [*settings.input_topics, settings.dlq_topic, settings.changes_topic]
+        wanted = [
+            *settings.input_topics,
+            settings.dlq_topic,
+            settings.changes_topic,
+            settings.lifecycle_topic,
+        ]
         missing = [NewTopic(t, partitions, 1) for t in wanted if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):

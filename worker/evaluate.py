@@ -1,0 +1,303 @@
+"""`segment-worker evaluate`: segment quality, stability and drift response, measured
+through the real pipeline.
+
+A generated shop (personas as ground truth, and with the drift schedule: a sale, then a
+persona that appears mid-stream) is produced to a broker, a worker consumes it into Redis
+exactly as deployed, and the figures are computed from what other services would see:
+the segments stored in Redis, the `segment-changes` and `segment-lifecycle` topics.
+
+* quality: ARI and NMI of the stored segments against the personas, and of scikit-learn
+  k-means (k-means++, k = the live segments) fitted on the same final profiles; ARI
+  between the two; the silhouette of both on the standardized profiles;
+* stability: the share of users whose segment changed per day of event time on the
+  stationary part (after a day of warm-up, before the first drift);
+* drift: per scheduled drift, the delay to the first detection after it, in events and
+  in event time, and to the first new segment; false alarms per 100k stationary events.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from kafka import KafkaConsumer
+from sklearn.cluster import KMeans as BatchKMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+from config.settings import Settings
+from schemas.records import RedisKeys
+from worker.app import Worker
+from worker.features import FEATURES, FeatureExtractor
+from worker.generator import Shop, event_ms, generate
+from worker.metrics import Metrics
+from worker.profiles import DAY_MS, Profile
+from worker.replay import produce
+from worker.sink import connect
+from worker.source import ensure_topics, kafka_client_config
+
+PARTITIONS = 4
+SILHOUETTE_SAMPLE = 5000
+
+
+@dataclass
+class Evaluation:
+    settings: Settings
+    users: int = 20_000
+    events: int = 1_200_000
+    seed: int = 7
+    drifts: bool = True
+
+    def run(self) -> dict[str, Any]:
+        settings = self._own_topics()
+        shop = generate(self.users, self.events, seed=self.seed, drifts=self.drifts)
+        ensure_topics(settings.kafka, PARTITIONS)
+        produce(shop.events, settings)
+        worker = Worker(settings, Metrics(), threading.Event())
+        worker.run(stop_after_idle=3.0)
+        segments, profiles = self._stored(settings)
+        lifecycle = read_all(settings, settings.kafka.lifecycle_topic)
+        changes = read_all(settings, settings.kafka.changes_topic)
+        return {
+            "scenario": {
+                "users": len(shop.truth),
+                "events": len(shop.events),
+                "personas": len(set(shop.truth.values())),
+                "drifts": {name: at for name, at in shop.drifts.items()},
+                "applied": worker.totals.applied,
+            },
+            "quality": quality(settings, shop.truth, segments, profiles),
+            "stability": stability(shop, lifecycle, changes),
+            "drift": drift_response(shop, lifecycle),
+            "segments": composition(shop.truth, segments),
+        }
+
+    def _own_topics(self) -> Settings:
+        run = f"eval-{uuid.uuid4().hex[:6]}"
+        kafka = self.settings.kafka.model_copy(
+            update={
+                "group_id": run,
+                **{
+                    f"{name}_topic": f"{run}-{name}"
+                    for name in ("clickstream", "purchases", "dlq", "changes", "lifecycle")
+                },
+            }
+        )
+        redis = self.settings.redis.model_copy(update={"key_prefix": run})
+        metrics = self.settings.metrics.model_copy(update={"host": "127.0.0.1", "port": 0})
+        return self.settings.model_copy(update={"kafka": kafka, "redis": redis, "metrics": metrics})
+
+    @staticmethod
+    def _stored(settings: Settings) -> tuple[dict[str, str], dict[str, Profile]]:
+        """Every user's stored segment and profile."""
+        client = connect(settings.redis)
+        keys = RedisKeys(settings.redis.key_prefix)
+        names = [n.decode() for n in client.scan_iter(keys.profile("*"), count=5000)]
+        users = [name[len(keys.profile("")) :] for name in names]
+        segments: dict[str, str] = {}
+        profiles: dict[str, Profile] = {}
+        for start in range(0, len(users), 5000):
+            chunk = users[start : start + 5000]
+            pipe = client.pipeline(transaction=False)
+            for user in chunk:
+                pipe.hget(keys.user(user), "segment")
+            blobs = client.mget([keys.profile(u) for u in chunk])
+            for user, segment, blob in zip(chunk, pipe.execute(), blobs, strict=True):
+                if segment and blob:
+                    segments[user] = segment.decode()
+                    profiles[user] = Profile.decode(blob)
+        client.close()
+        return segments, profiles
+
+
+def read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:
+    """Every message on a topic, decoded."""
+    consumer = KafkaConsumer(
+        topic,
+        **kafka_client_config(settings.kafka),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=3000,
+    )
+    messages = [orjson.loads(m.value) for m in consumer]
+    consumer.close()
+    return messages
+
+
+def quality(
+    settings: Settings,
+    truth: dict[str, str],
+    segments: dict[str, str],
+    profiles: dict[str, Profile],
+) -> dict[str, Any]:
+    users = sorted(segments)
+    extract = FeatureExtractor(settings.profile)
+    points = np.array([[extract(profiles[u])[f] for f in FEATURES] for u in users])
+    points = (points - points.mean(axis=0)) / np.maximum(points.std(axis=0), 1e-9)
+    personas = [truth[u] for u in users]
+    streaming = [segments[u] for u in users]
+    k = len(set(streaming))
+    batch = BatchKMeans(
+        n_clusters=k, init="k-means++", n_init=4, random_state=settings.model.seed
+    ).fit_predict(points)
+
+    def silhouette(labels: Any) -> float:
+        if len(set(labels)) < 2:
+            return 0.0
+        sample = min(SILHOUETTE_SAMPLE, len(users))
+        return float(silhouette_score(points, labels, sample_size=sample, random_state=0))
+
+    ari_streaming = float(adjusted_rand_score(personas, streaming))
+    ari_batch = float(adjusted_rand_score(personas, batch))
+    return {
+        "users": len(users),
+        "segments": k,
+        "ari_streaming": round(ari_streaming, 3),
+        "ari_batch": round(ari_batch, 3),
+        "ari_ratio": round(ari_streaming / ari_batch, 3) if ari_batch > 0 else None,
+        "ari_streaming_vs_batch": round(float(adjusted_rand_score(streaming, batch)), 3),
+        "nmi_streaming": round(float(normalized_mutual_info_score(personas, streaming)), 3),
+        "nmi_batch": round(float(normalized_mutual_info_score(personas, batch)), 3),
+        "silhouette_streaming": round(silhouette(streaming), 3),
+        "silhouette_batch": round(silhouette(batch), 3),
+    }
+
+
+def _seeded_at(lifecycle: list[dict[str, Any]]) -> int | None:
+    created = [m["timestamp"] for m in lifecycle if m["event"] == "created"]
+    return min(created) if created else None
+
+
+def _stationary_until(shop: Shop) -> int:
+    return min(shop.drifts.values(), default=event_ms(shop.events[-1]))
+
+
+def stability(
+    shop: Shop, lifecycle: list[dict[str, Any]], changes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Share of segmented users changing segment per day, from a day after seeding to the
+    first drift."""
+    seeded = _seeded_at(lifecycle)
+    end = _stationary_until(shop)
+    if seeded is None or end - seeded <= DAY_MS:
+        return {"changes_per_user_per_day": None, "days": 0.0}
+    start = seeded + DAY_MS
+    first_segment: dict[str, int] = {}
+    moves = 0
+    for change in changes:
+        if change["from"] is None:
+            first_segment.setdefault(change["user_id"], change["timestamp"])
+        elif change["to"] is not None and start <= change["timestamp"] < end:
+            moves += 1
+    days = (end - start) / DAY_MS
+    segmented = sum(1 for at in first_segment.values() if at < end)
+    return {
+        "changes_per_user_per_day": round(moves / max(segmented, 1) / days, 5),
+        "moves": moves,
+        "users": segmented,
+        "days": round(days, 2),
+    }
+
+
+def drift_response(shop: Shop, lifecycle: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per scheduled drift: delay to the first detection and the first new segment after
+    it; and false alarms on the stationary part."""
+    times = np.array([event_ms(e) for e in shop.events])
+    seeded = _seeded_at(lifecycle) or 0
+    detections = sorted(m["timestamp"] for m in lifecycle if m["event"] == "drift_detected")
+    created = sorted(
+        m["timestamp"] for m in lifecycle if m["event"] == "created" and m["timestamp"] > seeded
+    )
+
+    def delay(onset: int, at: list[int]) -> dict[str, Any] | None:
+        after = [t for t in at if t >= onset]
+        if not after:
+            return None
+        events = int(np.searchsorted(times, after[0], "right") - np.searchsorted(times, onset))
+        return {"events": events, "hours": round((after[0] - onset) / 3_600_000, 2)}
+
+    end = _stationary_until(shop)
+    stationary_events = int(np.searchsorted(times, end) - np.searchsorted(times, seeded))
+    alarms = sum(1 for t in detections if seeded < t < end)
+    by_detector: dict[str, dict[str, Any]] = defaultdict(dict)
+    for name, onset in shop.drifts.items():
+        for detector in {m["detector"] for m in lifecycle if m["event"] == "drift_detected"}:
+            at = sorted(
+                m["timestamp"]
+                for m in lifecycle
+                if m["event"] == "drift_detected" and m["detector"] == detector
+            )
+            by_detector[name][detector] = delay(onset, at)
+    return {
+        "scheduled": {
+            name: {
+                "onset": onset,
+                "first_detection": delay(onset, detections),
+                "by_detector": by_detector[name],
+                "first_new_segment": delay(onset, created),
+            }
+            for name, onset in shop.drifts.items()
+        },
+        "false_alarms_per_100k": round(alarms / max(stationary_events, 1) * 100_000, 2),
+        "stationary_events": stationary_events,
+        "detections": len(detections),
+        "lifecycle": dict(Counter(m["event"] for m in lifecycle)),
+    }
+
+
+def composition(truth: dict[str, str], segments: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each stored segment's size and its most common persona (with that persona's share)."""
+    members: dict[str, Counter[str]] = defaultdict(Counter)
+    for user, segment in segments.items():
+        members[segment][truth[user]] += 1
+    result = {}
+    for segment, personas in sorted(members.items(), key=lambda kv: int(kv[0][1:])):
+        persona, n = personas.most_common(1)[0]
+        result[segment] = {
+            "users": personas.total(),
+            "persona": persona,
+            "purity": round(n / personas.total(), 3),
+        }
+    return result
+
+
+def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(figure, value, target) rows for the summary table."""
+    q, s, d = figures["quality"], figures["stability"], figures["drift"]
+    table = [
+        ("ARI streaming vs personas", f"{q['ari_streaming']}", "≥ 0.85"),
+        ("ARI batch k-means vs personas", f"{q['ari_batch']}", ""),
+        ("ARI streaming / batch", f"{q['ari_ratio']}", "≥ 0.95"),
+        ("ARI streaming vs batch", f"{q['ari_streaming_vs_batch']}", ""),
+        ("NMI streaming / batch", f"{q['nmi_streaming']} / {q['nmi_batch']}", ""),
+        (
+            "silhouette streaming / batch",
+            f"{q['silhouette_streaming']} / {q['silhouette_batch']}",
+            "",
+        ),
+        ("segments (live)", f"{q['segments']}", ""),
+        ("changed segment per user per day", f"{s['changes_per_user_per_day']}", "≤ 0.01"),
+        ("false alarms per 100k stationary events", f"{d['false_alarms_per_100k']}", "≤ 1"),
+    ]
+    for name, drift in d["scheduled"].items():
+        first = drift["first_detection"]
+        new = drift["first_new_segment"]
+        table.append(
+            (
+                f"{name}: first detection",
+                f"{first['events']} events, {first['hours']} h" if first else "none",
+                "≤ 2,000 events",
+            )
+        )
+        table.append(
+            (
+                f"{name}: first new segment",
+                f"{new['events']} events, {new['hours']} h" if new else "none",
+                "≤ 10,000 events" if name == "new_persona" else "",
+            )
+        )
+    return table
