@@ -112,10 +112,10 @@ class RedisSettings(_Section):
 
 
 class ProfileSettings(_Section):
-    half_life_days: PositiveFloat = 14.0
+    half_life_days: PositiveFloat = 7.0
     session_gap_minutes: PositiveFloat = 30.0
     top_categories: Positive = 5
-    recency_cap_days: PositiveFloat = 60.0
+    recency_cap_days: PositiveFloat = 30.0
     cache_size: Positive = 200_000
     dedupe_window: Annotated[int, Field(ge=0, le=256)] = 8
 
@@ -132,18 +132,24 @@ class ModelSettings(_Section):
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
     # membership: a user moves only when another centre is this much closer (relative)
-    switch_margin: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    switch_margin: Annotated[float, Field(ge=0, lt=1)] = 0.25
     # drift: the detectors' false-alarm bounds and the segment-share (PSI) check
     fit_drift_delta: Share = 0.002
     feature_drift_delta: Share = 1e-5
+    event_drift_threshold: PositiveFloat = 16.0
     psi_window: Annotated[int, Field(ge=100)] = 2000
     psi_threshold: PositiveFloat = 0.2
     # adaptation: from the last `reservoir_size` profiles learned, `adapt_after` of them
     # after a detection
+    adaptation: bool = True  # off: the segments stay as seeded (detectors still report)
     reservoir_size: Annotated[int, Field(ge=50, le=20_000)] = 2000
-    adapt_after: Positive = 1000
+    adapt_after: Positive = 300
+    refit_every: Positive = 20_000  # and, drift or not, after this many
+    # after seeding, refits keep the number of segments for this long (event time): a
+    # cold-started population's profiles are still growing (3 profile half-lives)
+    settle_days: Annotated[float, Field(ge=0)] = 21.0
     new_segment_share: Share = 0.04
-    new_segment_distance: PositiveFloat = 2.5
+    new_segment_misfit: Annotated[float, Field(gt=1)] = 1.3
     merge_distance: PositiveFloat = 0.75
 
     @model_validator(mode="after")

@@ -128,6 +128,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "SEGMENT_KAFKA_PURCHASES_TOPIC": k.purchases_topic,
             "SEGMENT_KAFKA_DLQ_TOPIC": k.dlq_topic,
             "SEGMENT_KAFKA_CHANGES_TOPIC": k.changes_topic,
+            "SEGMENT_KAFKA_LIFECYCLE_TOPIC": k.lifecycle_topic,
             "SEGMENT_KAFKA_SESSION_TIMEOUT_MS": "6000",
             "SEGMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
             "SEGMENT_REDIS_URL": settings.redis.url,

@@ -108,13 +108,31 @@ def test_feature_detector_names_the_feature_that_moved() -> None:
     rng = random.Random(4)
     detectors = Detectors(SETTINGS)
 
-    def profile(orders_mean: float) -> dict[str, float]:
-        return {n: rng.gauss(orders_mean if n == "orders" else 0.0, 1.0) for n in FEATURES}
+    def profile(conversion: float) -> dict[str, float]:
+        return {n: rng.gauss(conversion if n == "conversion" else 0.0, 1.0) for n in FEATURES}
 
     assert not any("feature" in detectors.update(profile(0.0), 0, 1.0) for _ in range(20_000))
     fired = [detectors.update(profile(1.0), 0, 1.0) for _ in range(2000)]
     assert any("feature" in f for f in fired)
-    assert detectors.moved == ["orders"]
+    assert detectors.moved == ["conversion"]
+
+
+def test_events_detector_sees_a_sale_in_the_event_mix_within_2000_events() -> None:
+    rng = random.Random(5)
+    detectors = Detectors(SETTINGS)
+    kinds = ["page_view", "product_view", "search", "add_to_cart", "purchase"]
+
+    def events(purchase_share: float, n: int) -> list[bool]:
+        weights = [0.4, 0.35, 0.1, 0.15 - purchase_share, purchase_share]
+        return [
+            detectors.observe(rng.choices(kinds, weights)[0], rng.lognormvariate(4, 0.5))
+            for _ in range(n)
+        ]
+
+    assert not any(events(0.025, 200_000)), "a false alarm on a steady event mix"
+    fired = events(0.06, 2000)
+    assert any(fired), "purchases more than doubled and 2,000 events went by unnoticed"
+    assert detectors.moved == ["purchase share of events"]
 
 
 def test_segment_share_psi() -> None:
@@ -149,7 +167,12 @@ def groups(n: int, centres: list[float], rng: random.Random) -> list[dict[str, f
 def seeded(centres: list[float]) -> tuple[SegmentModel, dict[float, str]]:
     """A model seeded on well-separated groups, and the id each group got."""
     settings = ModelSettings(
-        n_clusters=len(centres), warmup_users=300, reservoir_size=300, adapt_after=300, seed=1
+        n_clusters=len(centres),
+        warmup_users=300,
+        reservoir_size=300,
+        adapt_after=300,
+        settle_days=0,
+        seed=1,
     )
     model = SegmentModel(settings)
     for i, x in enumerate(groups(300 // len(centres), centres, random.Random(1))):

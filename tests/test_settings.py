@@ -45,7 +45,7 @@ def test_yaml_overrides_defaults_and_env_overrides_yaml(
     assert s.kafka.group_id == "from-yaml"  # YAML beats default, same section
     assert s.model.n_clusters == 8
     assert s.redis.url == "redis://env:6379/1"
-    assert s.profile.half_life_days == 14.0  # untouched default
+    assert s.profile.half_life_days == 7.0  # untouched default
 
 
 def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from config.settings import Settings
-from schemas.events import UserDeleted
+from schemas.events import ClickEvent, UserDeleted
 from schemas.records import SegmentChange, UserSegment
 from worker.coordination import ModelCoordinator
 from worker.decode import REASONS, DeadLetter, Decoded, Decoder
@@ -350,6 +350,10 @@ class Worker:
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
+        price = event.price if isinstance(event, ClickEvent) else None
+        drifted = self.coordinator.observe(event.event_type, price, event.timestamp)
+        if drifted is not None:
+            self.report_drift("events", drifted, event.timestamp)
 
     def _segment(self, batch: BatchWrite) -> None:
         """Learn from, and re-segment, every user whose profile the batch changed: once

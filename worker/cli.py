@@ -355,7 +355,7 @@ def bench(
 def evaluate(
     config: ConfigOption = None,
     users: Annotated[int, typer.Option(min=100, help="Users in the generated shop.")] = 20_000,
-    events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = 1_200_000,
+    events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = 2_000_000,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 7,
     drifts: Annotated[
         bool,

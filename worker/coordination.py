@@ -49,6 +49,12 @@ class ModelCoordinator:
             return Learned()
         return self.trainer.learn_one(user_id, x, event_ts)
 
+    def observe(self, event_type: str, price: float | None, event_ts: int) -> str | None:
+        """Watch an applied event when leading; what the `events` detector saw if it fired."""
+        if self.trainer is None or not self.trainer.observe(event_type, price, event_ts):
+            return None
+        return self.trainer.detectors.describe("events")
+
     def forget(self, user_id: str) -> None:
         if self.trainer is not None:
             self.trainer.forget(user_id)

@@ -1,23 +1,35 @@
 """Drift detection: notice when the shoppers move away from what the segments describe.
 
-Three detectors, each watching a signal that a different kind of drift moves, all fed
-once per learned profile by the model the leader trains (`model.py`), so the group
-counts a drift once, not once per worker:
+Four detectors, each watching a signal that a different kind of drift moves, all owned
+by the model the leader trains (`model.py`), so the group counts a drift once, not once
+per worker:
 
 * `fit` — River's ADWIN over the distance from each profile to its nearest centre. When
   behaviour moves somewhere no segment covers (a new kind of visitor), profiles land
   further from every centre. Only a rise counts: a fall means the segments fit better.
-* `feature` — one ADWIN per feature on the standardized stream. A sale turns browsers
-  into buyers: the orders and conversion features move even while every profile still
-  lands near some centre.
+* `feature` — one ADWIN per rate-like feature (`features.RATES`) on the standardized
+  stream. A sale turns browsers into buyers: conversion and order value move even while
+  every profile still lands near some centre. Count-like features (sessions, orders,
+  tenure, recency) are not watched one by one: they grow as profiles mature, so after
+  a cold start they would report the population ageing, not a change in behaviour.
+* `events` — Page-Hinkley on each share of the event mix (purchases, add-to-carts,
+  searches) and on the mean log price of the items viewed, over consecutive samples of
+  `EVENTS_PER_SAMPLE` applied events, standardized: a profile is learned once per user
+  per batch, about one per ten events, and moves only as far as one event moves it, so
+  a sale shows in the events long before it shows in the profiles. Events are averaged
+  first because consecutive events are not independent (a session's events share its
+  shopper's price level); Page-Hinkley rather than ADWIN because the change to catch is
+  abrupt and ADWIN needs five samples on each side of a cut before it may report. Not
+  restored with the model: they refill within seconds of events.
 * `share` — the population stability index (PSI) of the segment shares in the latest
   window of profiles against a reference window taken after the last (re)seeding:
   Σ (p − q)·ln(p / q). Shoppers flowing from one segment into another move it.
 
 ADWIN keeps an adaptive window and reports when its older and newer parts differ in
-mean beyond what chance explains (delta bounds the false-alarm rate), so no per-shop
-threshold needs tuning; PSI's conventional reading (< 0.1 stable, > 0.25 a major shift)
-gives its threshold. Detectors are not checkpointed as such: the model stores its
+mean beyond what chance explains (delta bounds the false-alarm rate); Page-Hinkley sums
+the standardized excess over the mean (less a slack of 0.5) and reports when the sum
+passes `event_drift_threshold`; PSI's conventional reading (< 0.1 stable, > 0.25 a
+major shift) gives its threshold. Detectors are not checkpointed as such: the model stores its
 reservoir of recent profiles, and a restored model replays it through fresh detectors
 (plain numbers from Redis, nothing unpickled).
 """
@@ -29,15 +41,23 @@ import math
 import time
 from collections import Counter
 
-from river import drift
+from river import drift, stats
 
 from config.settings import ModelSettings
-from worker.features import FEATURES
+from worker.features import RATES
 from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("fit", "feature", "share")
+DETECTORS = ("fit", "feature", "share", "events")
+SHARES_OF_EVENTS = ("purchase", "add_to_cart", "search")
+EVENT_SIGNALS = {  # what the `events` detector watches, by name in the log
+    "purchase": "purchase share of events",
+    "add_to_cart": "add-to-cart share of events",
+    "search": "search share of events",
+    "price": "price of items viewed",
+}
+EVENTS_PER_SAMPLE = 250  # events averaged into one sample of the `events` detector
 
 
 def psi(reference: Counter[int], current: Counter[int]) -> float:
@@ -78,15 +98,50 @@ class ShareShift:
 
 
 class Detectors:
-    """The three detectors over the stream of learned profiles."""
+    """The detectors over the stream of learned profiles, and over the events."""
 
     def __init__(self, settings: ModelSettings) -> None:
         self._fit = drift.ADWIN(delta=settings.fit_drift_delta)
-        self._features = {
-            name: drift.ADWIN(delta=settings.feature_drift_delta) for name in FEATURES
-        }
+        self._features = {name: drift.ADWIN(delta=settings.feature_drift_delta) for name in RATES}
         self.shares = ShareShift(settings.psi_window, settings.psi_threshold)
+        self._events = {
+            name: drift.PageHinkley(
+                min_instances=30, delta=0.5, threshold=settings.event_drift_threshold, mode="both"
+            )
+            for name in EVENT_SIGNALS
+        }
+        self._event_stats = {name: stats.Var() for name in EVENT_SIGNALS}
+        self._window: Counter[str] = Counter()
+        self._log_prices = 0.0
         self.moved: list[str] = []  # the features whose detector fired last
+
+    def observe(self, event_type: str, price: float | None) -> bool:
+        """Count one applied event; every `EVENTS_PER_SAMPLE` events, feed the event-mix
+        shares and mean log price to their detectors. True when one of them fired."""
+        window = self._window
+        window[event_type] += 1
+        if price:
+            window["priced"] += 1
+            self._log_prices += math.log1p(price)
+        window["events"] += 1
+        if window["events"] < EVENTS_PER_SAMPLE:
+            return False
+        sample = {name: window[name] / window["events"] for name in SHARES_OF_EVENTS}
+        if window["priced"]:
+            sample["price"] = self._log_prices / window["priced"]
+        self._window, self._log_prices = Counter(), 0.0
+        moved = []
+        for name, value in sample.items():
+            seen = self._event_stats[name]  # standardized against all samples so far
+            z = (value - seen.mean.get()) / math.sqrt(seen.get()) if seen.get() > 0 else 0.0
+            seen.update(value)
+            detector = self._events[name]
+            detector.update(z)
+            if detector.drift_detected:
+                moved.append(EVENT_SIGNALS[name])
+        if moved:
+            self.moved = moved
+        return bool(moved)
 
     @property
     def fit_level(self) -> float:
@@ -116,8 +171,8 @@ class Detectors:
         """What the detector saw, for the log."""
         if detector == "fit":
             return f"mean distance to segment centres now {self.fit_level:.2f}"
-        if detector == "feature":
-            return "features moved: " + ", ".join(self.moved)
+        if detector in ("feature", "events"):
+            return "moved: " + ", ".join(self.moved)
         return f"segment shares PSI {self.shares.psi:.3f}"
 
     def segments_changed(self) -> None:

@@ -10,7 +10,8 @@ the segments stored in Redis, the `segment-changes` and `segment-lifecycle` topi
   k-means (k-means++, k = the live segments) fitted on the same final profiles; ARI
   between the two; the silhouette of both on the standardized profiles;
 * stability: the share of users whose segment changed per day of event time on the
-  stationary part (after a day of warm-up, before the first drift);
+  stationary part (from `model.settle_days` after seeding, when a cold-started shop's
+  profiles have matured, to the first drift);
 * drift: per scheduled drift, the delay to the first detection after it, in events and
   in event time, and to the first new segment; false alarms per 100k stationary events.
 """
@@ -48,7 +49,7 @@ SILHOUETTE_SAMPLE = 5000
 class Evaluation:
     settings: Settings
     users: int = 20_000
-    events: int = 1_200_000
+    events: int = 2_000_000
     seed: int = 7
     drifts: bool = True
 
@@ -71,8 +72,8 @@ class Evaluation:
                 "applied": worker.totals.applied,
             },
             "quality": quality(settings, shop.truth, segments, profiles),
-            "stability": stability(shop, lifecycle, changes),
-            "drift": drift_response(shop, lifecycle),
+            "stability": stability(shop, lifecycle, changes, settings.model.settle_days),
+            "drift": drift_response(shop, lifecycle, settings.model.settle_days),
             "segments": composition(shop.truth, segments),
         }
 
@@ -172,20 +173,29 @@ def _seeded_at(lifecycle: list[dict[str, Any]]) -> int | None:
     return min(created) if created else None
 
 
-def _stationary_until(shop: Shop) -> int:
-    return min(shop.drifts.values(), default=event_ms(shop.events[-1]))
+def stationary_part(
+    shop: Shop, lifecycle: list[dict[str, Any]], settle_days: float
+) -> tuple[int, int] | None:
+    """Event time from when the segments settled (`model.settle_days` after seeding: the
+    profiles of the cold-started shop have matured) to the first scheduled drift."""
+    seeded = _seeded_at(lifecycle)
+    end = min(shop.drifts.values(), default=event_ms(shop.events[-1]))
+    if seeded is None or end <= seeded + settle_days * DAY_MS:
+        return None
+    return int(seeded + settle_days * DAY_MS), end
 
 
 def stability(
-    shop: Shop, lifecycle: list[dict[str, Any]], changes: list[dict[str, Any]]
+    shop: Shop,
+    lifecycle: list[dict[str, Any]],
+    changes: list[dict[str, Any]],
+    settle_days: float,
 ) -> dict[str, Any]:
-    """Share of segmented users changing segment per day, from a day after seeding to the
-    first drift."""
-    seeded = _seeded_at(lifecycle)
-    end = _stationary_until(shop)
-    if seeded is None or end - seeded <= DAY_MS:
+    """Share of segmented users changing segment per day on the stationary part."""
+    part = stationary_part(shop, lifecycle, settle_days)
+    if part is None:
         return {"changes_per_user_per_day": None, "days": 0.0}
-    start = seeded + DAY_MS
+    start, end = part
     first_segment: dict[str, int] = {}
     moves = 0
     for change in changes:
@@ -203,7 +213,9 @@ def stability(
     }
 
 
-def drift_response(shop: Shop, lifecycle: list[dict[str, Any]]) -> dict[str, Any]:
+def drift_response(
+    shop: Shop, lifecycle: list[dict[str, Any]], settle_days: float
+) -> dict[str, Any]:
     """Per scheduled drift: delay to the first detection and the first new segment after
     it; and false alarms on the stationary part."""
     times = np.array([event_ms(e) for e in shop.events])
@@ -220,9 +232,9 @@ def drift_response(shop: Shop, lifecycle: list[dict[str, Any]]) -> dict[str, Any
         events = int(np.searchsorted(times, after[0], "right") - np.searchsorted(times, onset))
         return {"events": events, "hours": round((after[0] - onset) / 3_600_000, 2)}
 
-    end = _stationary_until(shop)
-    stationary_events = int(np.searchsorted(times, end) - np.searchsorted(times, seeded))
-    alarms = sum(1 for t in detections if seeded < t < end)
+    start, end = stationary_part(shop, lifecycle, settle_days) or (0, 0)
+    stationary_events = int(np.searchsorted(times, end) - np.searchsorted(times, start))
+    alarms = sum(1 for t in detections if start <= t < end)
     by_detector: dict[str, dict[str, Any]] = defaultdict(dict)
     for name, onset in shop.drifts.items():
         for detector in {m["detector"] for m in lifecycle if m["event"] == "drift_detected"}:
@@ -242,7 +254,9 @@ def drift_response(shop: Shop, lifecycle: list[dict[str, Any]]) -> dict[str, Any
             }
             for name, onset in shop.drifts.items()
         },
-        "false_alarms_per_100k": round(alarms / max(stationary_events, 1) * 100_000, 2),
+        "false_alarms_per_100k": (
+            round(alarms / stationary_events * 100_000, 2) if stationary_events else None
+        ),
         "stationary_events": stationary_events,
         "detections": len(detections),
         "lifecycle": dict(Counter(m["event"] for m in lifecycle)),

@@ -27,6 +27,18 @@ FEATURES: tuple[str, ...] = (
     "tenure_days",
 )
 
+# Features that do not grow with a profile's age (shares, rates, prices): their
+# distribution is steady while behaviour is, even as a cold-started population matures.
+RATES: tuple[str, ...] = (
+    "events_per_session",
+    "conversion",
+    "aov",
+    "view_to_cart",
+    "cart_to_purchase",
+    "search_share",
+    "price_level",
+)
+
 BROWSING = ("page_view", "product_view", "search", "wishlist_add")
 
 

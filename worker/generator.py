@@ -67,7 +67,7 @@ PERSONAS: tuple[Persona, ...] = (
             remove_from_cart=1,
             checkout_start=0.5,
         ),
-        buy_per_session=0.2,
+        buy_per_session=0.45,
         price=14,
         items_per_order=3,
     ),
@@ -88,7 +88,7 @@ PERSONAS: tuple[Persona, ...] = (
         _mix(page_view=5, product_view=3, search=1),
         buy_per_session=0.02,
         price=32,
-        joins_at=0.7,
+        joins_at=0.8,
     ),
     Persona(
         "lapsing_customer",
@@ -112,8 +112,9 @@ PERSONAS: tuple[Persona, ...] = (
 )
 
 
-SALE_AT = 0.45  # the sale starts at this fraction of the timeline ...
-SALE_BUY_PER_SESSION = 0.3  # ... and window shoppers start buying
+SALE_AT = 0.6  # the sale starts at this fraction of the timeline: from then on, window
+SALE_WINDOW_SHOPPERS_BUY = 0.5  # shoppers buy in this share of their sessions, and
+SALE_BOOST = 1.5  # everyone else this many times as often as before
 ARRIVING = "new_visitor"  # the persona that appears mid-stream (its `joins_at`)
 
 
@@ -128,17 +129,25 @@ class Shop:
 
 
 def scenario(drifts: bool) -> tuple[Persona, ...]:
-    """The personas of a run. With `drifts`, the drift schedule: a sale turns window
-    shoppers into buyers at `SALE_AT`, and new visitors appear at their `joins_at`.
+    """The personas of a run. With `drifts`, the drift schedule: a sale at `SALE_AT` turns
+    window shoppers into buyers and makes buyers buy more, and new visitors appear at
+    their `joins_at`.
     Without, a stationary shop: the other personas, behaving the same throughout."""
     if not drifts:
         return tuple(p for p in PERSONAS if p.name != ARRIVING)
-    return tuple(
-        replace(p, buy_changes_at=SALE_AT, buy_after=SALE_BUY_PER_SESSION)
-        if p.name == "window_shopper"
-        else p
-        for p in PERSONAS
-    )
+
+    def on_sale(p: Persona) -> Persona:
+        if p.name == ARRIVING:
+            return p
+        if p.name == "window_shopper":
+            return replace(p, buy_changes_at=SALE_AT, buy_after=SALE_WINDOW_SHOPPERS_BUY)
+        if p.buy_changes_at < SALE_AT:  # lapsed before the sale: the sale does not reach them
+            return p
+        return replace(
+            p, buy_changes_at=SALE_AT, buy_after=min(SALE_BOOST * p.buy_per_session, 1.0)
+        )
+
+    return tuple(map(on_sale, PERSONAS))
 
 
 def generate(users: int, events: int, seed: int = 7, drifts: bool = True) -> Shop:
@@ -207,7 +216,7 @@ def _timeline_for(personas: list[Persona], events: int) -> float:
 def _user_events(
     rng: random.Random, user_id: str, p: Persona, days: float
 ) -> Iterator[tuple[int, dict[str, object]]]:
-    start = p.joins_at * days * rng.uniform(0.9, 1.1) if p.joins_at else 0.0
+    start = p.joins_at * days * rng.uniform(0.98, 1.02) if p.joins_at else 0.0
     active = days - start
     buy_change = start + p.buy_changes_at * active
     n_sessions = max(1, _poisson(rng, p.sessions_per_day * active))

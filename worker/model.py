@@ -11,15 +11,19 @@ The model of record is River: a `StandardScaler` learns the population online an
   people need names. Each River centre is bound to a stable id (`s1`, `s2`, ...) and
   named from its centroid in original units compared with the population.
 * Adaptation. The model keeps a reservoir of the latest profile of each of the last
-  `reservoir_size` users it learned from. When a detector (`drift.py`) fires, it waits
-  for `adapt_after` more profiles, then refits the centres on the reservoir: centres
-  closer than `merge_distance` merge; a k+1 fit whose extra cluster holds at least
-  `new_segment_share` of the profiles, and ones far from every existing segment (mean
-  distance `new_segment_distance`), adds a segment. New centres take the old ids by a
-  minimum-total-distance matching (Hungarian, not nearest-first) against each id's
-  anchor, its centre at the last refit (River's centres wander as they learn, and one
-  dragged toward a new group must not hand its id to that group); the k+1 fit's extra
-  cluster gets a new id, and an id left without a match is retired, never reused.
+  `reservoir_size` users it learned from. When the `fit` or `share` detector
+  (`drift.py`) fires, it waits for `adapt_after` more profiles, then refits the centres
+  on the reservoir (and every `refit_every` profiles regardless, so River's wandering
+  centres are re-anchored). Once `settle_days` of event time have passed since seeding
+  (before, a cold-started population's profiles are still growing and every refit
+  keeps k): centres closer than `merge_distance` merge; a k+1 fit whose
+  extra cluster holds at least `new_segment_share` of the profiles, ones the existing
+  segments fit `new_segment_misfit` times worse than the rest, adds a segment. New
+  centres take the old ids by a minimum-total-distance matching (Hungarian, not
+  nearest-first) against each id's anchor, its centre at the last refit (River's
+  centres wander as they learn, and one dragged toward a new group must not hand its id
+  to that group); the k+1 fit's extra cluster gets a new id, and an id left without a
+  match is retired, never reused.
 * Membership. `assign_many` keeps a user in their current segment unless another centre
   is closer by more than `switch_margin` (relative), so boundary users do not flap.
 
@@ -46,6 +50,7 @@ from config.settings import ModelSettings
 from schemas.records import SegmentLifecycle
 from worker.drift import Detectors
 from worker.features import FEATURES
+from worker.profiles import DAY_MS
 
 CHECKPOINT_FORMAT = 3
 
@@ -109,7 +114,9 @@ class SegmentModel:
         self.anchors: dict[int, dict[str, float]] = {}
         self.detectors = Detectors(settings)
         self.lifecycle: list[SegmentLifecycle] = []  # not yet published
-        self._adapt_in: int | None = None  # learned profiles until a scheduled adaptation
+        self._adapt_in: int | None = None  # learned profiles until a drift's refit
+        self._since_refit = 0
+        self._seeded_at = 0  # event time of the first seeding
 
     @property
     def ready(self) -> bool:
@@ -138,13 +145,22 @@ class SegmentModel:
         if self._adapt_in is None and ("fit" in drifts or "share" in drifts):
             self._adapt_in = self._settings.adapt_after
         detail = "; ".join(self.detectors.describe(detector) for detector in drifts)
+        self._since_refit += 1
         if self._adapt_in is not None:
             self._adapt_in -= 1
-            if self._adapt_in <= 0:
-                self._adapt_in = None
-                self.adapt(event_ts)
-                return Learned(drifts=drifts, detail=detail, adapted=True)
+        due = self._since_refit >= self._settings.refit_every or self._adapt_in == 0
+        if due and self._settings.adaptation:
+            self.adapt(event_ts)
+            return Learned(drifts=drifts, detail=detail, adapted=True)
         return Learned(drifts=drifts, detail=detail)
+
+    def observe(self, event_type: str, price: float | None, event_ts: int) -> bool:
+        """Watch one applied event's type and price (the `events` detector); True when it
+        revealed drift."""
+        if not self.ready or not self.detectors.observe(event_type, price):
+            return False
+        self.lifecycle.append(self._event("drift_detected", event_ts, detector="events"))
+        return True
 
     def forget(self, user_id: str) -> None:
         """Drop a deleted user's profile from the reservoir."""
@@ -238,7 +254,7 @@ class SegmentModel:
         fit = self._fit(
             self._standardized(list(self.reservoir.values())), self._settings.n_clusters
         )
-        self.version = 1
+        self.version, self._seeded_at = 1, event_ts
         self._bind({}, fit.cluster_centers_, event_ts)
         self.rename()
 
@@ -247,12 +263,13 @@ class SegmentModel:
         points = self._standardized(list(self.reservoir.values()))
         previous = dict(self.segments)
         order = sorted(previous)
-        merged = self._converged(dict(zip(order, self._centres(), strict=True)))
+        settled = event_ts - self._seeded_at >= self._settings.settle_days * DAY_MS
+        merged = self._converged(dict(zip(order, self._centres(), strict=True))) if settled else {}
         anchors = self._standardized([self.anchors[i] for i in order])
         old = dict(zip(order, anchors, strict=True))
         survivors = {i: c for i, c in old.items() if i not in merged}
         fit = self._fit(points, len(survivors))
-        if len(survivors) < self._settings.max_clusters:
+        if settled and len(survivors) < self._settings.max_clusters:
             wider = self._fit(points, len(survivors) + 1)
             if self._holds_new_segment(points, np.array(list(survivors.values())), wider):
                 fit = wider
@@ -270,6 +287,7 @@ class SegmentModel:
                 self.lifecycle.append(self._event("retired", event_ts, segment=segment.id))
         self.rename()
         self.detectors.segments_changed()
+        self._adapt_in, self._since_refit = None, 0
 
     def _converged(self, old: dict[int, np.ndarray]) -> dict[int, int]:
         """Centres closer than `merge_distance` to an older one: {absorbed: into}."""
@@ -286,15 +304,16 @@ class SegmentModel:
 
     def _holds_new_segment(self, points: np.ndarray, old: np.ndarray, wider: BatchKMeans) -> bool:
         """Whether the k+1 fit's cluster left unmatched by the old centres is a segment of
-        its own: enough of the profiles, and ones the old centres fit badly (their mean
-        distance to the nearest old centre at least `new_segment_distance`)."""
+        its own: enough of the profiles, and ones the existing segments fit badly (their
+        distance to the nearest anchor `new_segment_misfit` times the others')."""
         matched = match(old, wider.cluster_centers_)
         extra = next(j for j in range(len(wider.cluster_centers_)) if j not in matched)
-        members = points[wider.labels_ == extra]
-        misfit = float(pairwise(members, old).min(axis=1).mean()) if len(members) else 0.0
-        return (
-            len(members) >= self._settings.new_segment_share * len(points)
-            and misfit >= self._settings.new_segment_distance
+        inside = wider.labels_ == extra
+        if inside.all() or inside.mean() < self._settings.new_segment_share:
+            return False
+        misfit = pairwise(points, old).min(axis=1)
+        return bool(
+            misfit[inside].mean() >= self._settings.new_segment_misfit * misfit[~inside].mean()
         )
 
     def _bind(self, old: dict[int, np.ndarray], centres: np.ndarray, event_ts: int) -> set[int]:
@@ -379,6 +398,8 @@ class SegmentModel:
                 [round(x[name], 6) for name in FEATURES] for x in self.reservoir.values()
             ],
             "adapt_in": self._adapt_in,
+            "since_refit": self._since_refit,
+            "seeded_at": self._seeded_at,
             "psi": self.detectors.shares.psi,
         }
 
@@ -412,6 +433,8 @@ class SegmentModel:
         model.revision = int(state["revision"])
         model._next_id = int(state["next_id"])
         model._adapt_in = state["adapt_in"]
+        model._since_refit = int(state["since_refit"])
+        model._seeded_at = int(state["seeded_at"])
         reservoir = [
             dict(zip(FEATURES, map(float, row), strict=True)) for row in state["reservoir"]
         ]
