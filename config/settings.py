@@ -149,7 +149,7 @@ class ModelSettings(_Section):
     # cold-started population's profiles are still growing (3 profile half-lives)
     settle_days: Annotated[float, Field(ge=0)] = 21.0
     new_segment_share: Share = 0.04
-    new_segment_misfit: Annotated[float, Field(gt=1)] = 1.3
+    new_segment_growth: Annotated[float, Field(gt=1)] = 3.0
     merge_distance: PositiveFloat = 0.75
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from config.settings import Settings
 from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
 from worker.generator import Shop, generate
+from worker.model import SegmentModel
 from worker.replay import produce
 from worker.source import ensure_topics, kafka_client_config
 
@@ -350,3 +351,46 @@ def test_an_unreadable_published_model_is_replaced_not_a_crash(
     assert all(reader.get(u) is not None for u in shop.truth)
     complaints = [r for r in caplog.records if "published model is not JSON" in r.getMessage()]
     assert 1 <= len(complaints) <= 2  # reported, not repeated every second
+
+
+def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    run_shop(settings, start_worker, 300, 4000, seed=28, partitions=2)
+    keys = RedisKeys()
+    state = orjson.loads(redis_client.hget(keys.model, "state"))  # type: ignore[arg-type]
+    model = SegmentModel.from_state(settings.model, state)
+    created = [
+        orjson.loads(m.value) for m in read_topic(settings, settings.kafka.lifecycle_topic, 10_000)
+    ]
+    assert {(m["event"], m["segment"]) for m in created} >= {
+        ("created", seg.id) for seg in model.segments.values()
+    }
+    # Merge the biggest segment into its nearest neighbour, as an adaptation would, and
+    # publish it as the next revision: a worker adopting it must move that segment's users.
+    reader = SegmentReader(redis_client)
+    sizes = {s: redis_client.zcard(keys.members(s)) for s in reader.segments()}
+    gone = max(sizes, key=sizes.__getitem__)
+    index = next(i for i, seg in model.segments.items() if seg.id == gone)
+    del model.segments[index], model.kmeans.centers[index], model.anchors[index]
+    model.version += 1
+    model.revision += 1
+    redis_client.hset(
+        keys.model, mapping={"state": orjson.dumps(model.to_state()), "revision": model.revision}
+    )
+    members = {m.decode() for m in redis_client.zrange(keys.members(gone), 0, -1)}
+    assert members
+    again = start_worker(settings)  # nothing new to consume: it only adopts the revision
+    again.join()
+    assert redis_client.zcard(keys.members(gone)) == 0
+    assert gone not in reader.segments()
+    for user in members:
+        stored = reader.get(user)
+        assert stored is not None and stored.segment != gone
+        assert stored.model_version == model.version
+    changes = [
+        orjson.loads(m.value)
+        for m in read_topic(settings, settings.kafka.changes_topic, 100_000)
+        if orjson.loads(m.value)["from"] == gone
+    ]
+    assert {c["user_id"] for c in changes} == members

@@ -91,7 +91,6 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
         self._pending_check = False
-        self._orphaned: set[str] = set()  # ids the adopted model dropped; members to move
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
         self.report_drift = DriftReport(metrics)
@@ -192,7 +191,7 @@ class Worker:
         if batch:
             self._write(batch)
         if self.coordinator.leading and self.model.ready:
-            self.store.expire_members(seg.id for seg in self.model.segments.values())
+            self.store.expire_members(self.store.segments_with_members())
 
     def _sync(self, batch: BatchWrite, publish: bool = True) -> None:
         if publish:
@@ -200,9 +199,7 @@ class Worker:
         before = {seg.id for seg in self.model.segments.values()}
         if self.coordinator.sync(publish):
             self._pending_check = True
-            gone = before - {seg.id for seg in self.model.segments.values()}
-            self._orphaned |= gone
-            for segment in gone:
+            for segment in before - {seg.id for seg in self.model.segments.values()}:
                 for gauge in (self.metrics.segment_users, self.metrics.segment_share):
                     gauge.remove(segment)
         for record in self.coordinator.take_lifecycle():
@@ -225,8 +222,9 @@ class Worker:
         segments the latest model retired or merged away."""
         self._pending_check = False
         waiting = set(self.store.pending_users()) | batch.pending
-        waiting |= self.store.members(self._orphaned)
-        batch.pending, self._orphaned = set(), set()
+        live = {seg.id for seg in self.model.segments.values()}
+        waiting |= self.store.members(self.store.segments_with_members() - live)
+        batch.pending = set()
         self._load_missing(waiting)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
         mine: dict[str, Profile] = {}

@@ -234,7 +234,11 @@ def drift_response(
 
     start, end = stationary_part(shop, lifecycle, settle_days) or (0, 0)
     stationary_events = int(np.searchsorted(times, end) - np.searchsorted(times, start))
-    alarms = sum(1 for t in detections if start <= t < end)
+    false_alarms = Counter(
+        m["detector"]
+        for m in lifecycle
+        if m["event"] == "drift_detected" and start <= m["timestamp"] < end
+    )
     by_detector: dict[str, dict[str, Any]] = defaultdict(dict)
     for name, onset in shop.drifts.items():
         for detector in {m["detector"] for m in lifecycle if m["event"] == "drift_detected"}:
@@ -255,8 +259,11 @@ def drift_response(
             for name, onset in shop.drifts.items()
         },
         "false_alarms_per_100k": (
-            round(alarms / stationary_events * 100_000, 2) if stationary_events else None
+            round(false_alarms.total() / stationary_events * 100_000, 2)
+            if stationary_events
+            else None
         ),
+        "false_alarms_by_detector": dict(false_alarms),
         "stationary_events": stationary_events,
         "detections": len(detections),
         "lifecycle": dict(Counter(m["event"] for m in lifecycle)),

@@ -11,14 +11,15 @@ The model of record is River: a `StandardScaler` learns the population online an
   people need names. Each River centre is bound to a stable id (`s1`, `s2`, ...) and
   named from its centroid in original units compared with the population.
 * Adaptation. The model keeps a reservoir of the latest profile of each of the last
-  `reservoir_size` users it learned from. When the `fit` or `share` detector
-  (`drift.py`) fires, it waits for `adapt_after` more profiles, then refits the centres
-  on the reservoir (and every `refit_every` profiles regardless, so River's wandering
-  centres are re-anchored). Once `settle_days` of event time have passed since seeding
-  (before, a cold-started population's profiles are still growing and every refit
-  keeps k): centres closer than `merge_distance` merge; a k+1 fit whose
-  extra cluster holds at least `new_segment_share` of the profiles, ones the existing
-  segments fit `new_segment_misfit` times worse than the rest, adds a segment. New
+  `reservoir_size` users it learned from. When a detector (`drift.py`) fires, it waits
+  for `adapt_after` more profiles, then refits the centres on the reservoir; every
+  `refit_every` profiles it re-seeds them too (same k), so River's wandering centres
+  are re-anchored. A refit after a detection, once `settle_days` of event time have
+  passed since seeding (before, a cold-started population's profiles are still growing
+  and every refit keeps k), may change k: centres closer than `merge_distance` merge; a
+  k+1 fit whose extra cluster holds at least `new_segment_share` of the reservoir, and
+  `new_segment_growth` times what it held of the reservoir at the last refit, adds a
+  segment: a group that emerged, not a split of one that was there. New
   centres take the old ids by a minimum-total-distance matching (Hungarian, not
   nearest-first) against each id's anchor, its centre at the last refit (River's
   centres wander as they learn, and one dragged toward a new group must not hand its id
@@ -109,6 +110,7 @@ class SegmentModel:
         self.segments: dict[int, Segment] = {}
         self._next_id = 1
         self.reservoir: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self.reference: list[dict[str, float]] = []  # the reservoir at the last (re)fit
         # Each segment's centre as of its last (re)fit, in original units: what its id
         # means. River's centres wander with learning; ids are matched on anchors.
         self.anchors: dict[int, dict[str, float]] = {}
@@ -142,15 +144,17 @@ class SegmentModel:
         drifts = tuple(self.detectors.update(z, index, distance))
         for detector in drifts:
             self.lifecycle.append(self._event("drift_detected", event_ts, detector=detector))
-        if self._adapt_in is None and ("fit" in drifts or "share" in drifts):
+        if drifts and self._adapt_in is None:
             self._adapt_in = self._settings.adapt_after
         detail = "; ".join(self.detectors.describe(detector) for detector in drifts)
         self._since_refit += 1
         if self._adapt_in is not None:
             self._adapt_in -= 1
-        due = self._since_refit >= self._settings.refit_every or self._adapt_in == 0
-        if due and self._settings.adaptation:
-            self.adapt(event_ts)
+        drifted = self._adapt_in == 0
+        if (
+            drifted or self._since_refit >= self._settings.refit_every
+        ) and self._settings.adaptation:
+            self.adapt(event_ts, grow=drifted)
             return Learned(drifts=drifts, detail=detail, adapted=True)
         return Learned(drifts=drifts, detail=detail)
 
@@ -160,6 +164,8 @@ class SegmentModel:
         if not self.ready or not self.detectors.observe(event_type, price):
             return False
         self.lifecycle.append(self._event("drift_detected", event_ts, detector="events"))
+        if self._adapt_in is None:
+            self._adapt_in = self._settings.adapt_after
         return True
 
     def forget(self, user_id: str) -> None:
@@ -255,11 +261,13 @@ class SegmentModel:
             self._standardized(list(self.reservoir.values())), self._settings.n_clusters
         )
         self.version, self._seeded_at = 1, event_ts
+        self.reference = list(self.reservoir.values())
         self._bind({}, fit.cluster_centers_, event_ts)
         self.rename()
 
-    def adapt(self, event_ts: int) -> None:
-        """Refit the centres on the reservoir (merge, add, re-seed) and carry the ids over."""
+    def adapt(self, event_ts: int, grow: bool = True) -> None:
+        """Refit the centres on the reservoir (merge, add unless not `grow`, re-seed) and
+        carry the ids over."""
         points = self._standardized(list(self.reservoir.values()))
         previous = dict(self.segments)
         order = sorted(previous)
@@ -269,11 +277,12 @@ class SegmentModel:
         old = dict(zip(order, anchors, strict=True))
         survivors = {i: c for i, c in old.items() if i not in merged}
         fit = self._fit(points, len(survivors))
-        if settled and len(survivors) < self._settings.max_clusters:
+        if grow and settled and len(survivors) < self._settings.max_clusters:
             wider = self._fit(points, len(survivors) + 1)
             if self._holds_new_segment(points, np.array(list(survivors.values())), wider):
                 fit = wider
         self.version += 1
+        self.reference = list(self.reservoir.values())
         kept = self._bind(survivors, fit.cluster_centers_, event_ts)
         for index, segment in previous.items():
             if index in kept:
@@ -303,18 +312,18 @@ class SegmentModel:
         return merged
 
     def _holds_new_segment(self, points: np.ndarray, old: np.ndarray, wider: BatchKMeans) -> bool:
-        """Whether the k+1 fit's cluster left unmatched by the old centres is a segment of
-        its own: enough of the profiles, and ones the existing segments fit badly (their
-        distance to the nearest anchor `new_segment_misfit` times the others')."""
+        """Whether the k+1 fit's cluster left unmatched by the old centres is a group that
+        emerged: it holds at least `new_segment_share` of the reservoir now, and
+        `new_segment_growth` times the share of the reservoir as it was at the last refit
+        that would have fallen in it. A split of an existing segment had its share before
+        too; a new kind of shopper did not."""
         matched = match(old, wider.cluster_centers_)
         extra = next(j for j in range(len(wider.cluster_centers_)) if j not in matched)
-        inside = wider.labels_ == extra
-        if inside.all() or inside.mean() < self._settings.new_segment_share:
+        now = float(np.mean(wider.labels_ == extra))
+        if now < self._settings.new_segment_share or now == 1.0:
             return False
-        misfit = pairwise(points, old).min(axis=1)
-        return bool(
-            misfit[inside].mean() >= self._settings.new_segment_misfit * misfit[~inside].mean()
-        )
+        before = float(np.mean(wider.predict(self._standardized(self.reference)) == extra))
+        return now >= self._settings.new_segment_growth * before
 
     def _bind(self, old: dict[int, np.ndarray], centres: np.ndarray, event_ts: int) -> set[int]:
         """Install `centres` as River's. Each takes the id of the `old` centre the
@@ -394,6 +403,7 @@ class SegmentModel:
                 str(i): {"id": s.id, "created_at": s.created_at} for i, s in self.segments.items()
             },
             "anchors": {str(i): a for i, a in self.anchors.items()},
+            "reference": [[round(x[name], 6) for name in FEATURES] for x in self.reference],
             "reservoir": [
                 [round(x[name], 6) for name in FEATURES] for x in self.reservoir.values()
             ],
@@ -435,9 +445,10 @@ class SegmentModel:
         model._adapt_in = state["adapt_in"]
         model._since_refit = int(state["since_refit"])
         model._seeded_at = int(state["seeded_at"])
-        reservoir = [
-            dict(zip(FEATURES, map(float, row), strict=True)) for row in state["reservoir"]
-        ]
+        reservoir, model.reference = (
+            [dict(zip(FEATURES, map(float, row), strict=True)) for row in state[key]]
+            for key in ("reservoir", "reference")
+        )
         model.reservoir = OrderedDict((f"restored-{n}", x) for n, x in enumerate(reservoir))
         if model.ready:
             model.rename()

@@ -1,0 +1,38 @@
+"""`segment-worker evaluate` on a small drifting shop: the figures are computed from what
+the real pipeline stored and published, and the drift schedule is answered.
+
+The full run (20k users, 2M events) and its figures are in the README; this one is small
+enough for the suite, so its quality floors are lower than the full run's targets.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import ModelSettings, Settings
+from worker.evaluate import Evaluation, rows
+
+pytestmark = pytest.mark.integration
+
+
+def test_evaluate_scores_segments_stability_and_drift_response(settings: Settings) -> None:
+    production_model = settings.model_copy(update={"model": ModelSettings()})
+    figures = Evaluation(production_model, users=1500, events=150_000, seed=3).run()
+    scenario, quality = figures["scenario"], figures["quality"]
+    assert scenario["applied"] == scenario["events"] == 150_000
+    assert scenario["personas"] == 6 and set(scenario["drifts"]) == {"sale", "new_persona"}
+    assert quality["users"] == scenario["users"]
+    # far above chance (0), and the stored segments agree with batch k-means on the same
+    # final profiles more than they disagree
+    assert quality["ari_streaming"] >= 0.5
+    assert quality["ari_streaming_vs_batch"] >= 0.5
+    assert quality["segments"] >= 5
+    assert figures["stability"]["changes_per_user_per_day"] is not None
+    sale = figures["drift"]["scheduled"]["sale"]
+    assert sale["first_detection"] is not None
+    assert sale["first_detection"]["events"] <= 2000, sale
+    # the new persona ends up in a segment of its own: one where it is the main persona
+    assert any(s["persona"] == "new_visitor" for s in figures["segments"].values())
+    assert sum(s["users"] for s in figures["segments"].values()) == quality["users"]
+    table = dict((figure, measured) for figure, measured, _ in rows(figures))
+    assert table["ARI streaming vs personas"] == str(quality["ari_streaming"])
