@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint chaos outage fuzz soak clean
+.PHONY: demo test lint chaos outage fuzz soak evaluate clean
 
 $(BIN)/segment-worker: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ outage: $(BIN)/segment-worker  ## Redis down for 20 s mid-stream; the broker cra
 
 fuzz: $(BIN)/segment-worker  ## 100k fuzzed records mixed into a stream
 	FUZZ_MESSAGES=100000 $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+evaluate: $(BIN)/segment-worker  ## segment quality and drift response, 20k users, 2M events (~10 min)
+	$(BIN)/segment-worker evaluate
 
 soak: $(BIN)/segment-worker  ## 10 minutes at 2,000 events/s, ~1M distinct users: RSS must plateau
 	SOAK_SECONDS=600 SOAK_RATE=2000 SOAK_CACHE=200000 $(BIN)/python -m pytest -q -s tests/test_soak.py

@@ -79,7 +79,9 @@ class ModelCoordinator:
         leading = self._store.claim_model_lease(self._worker_id, self._lease_ms)
         self._metrics.model_leader.set(int(leading))
         if leading and self.trainer is None:
-            self.trainer = self._published() or SegmentModel(self._settings)
+            self.trainer = self._published() or SegmentModel(
+                self._settings, first_id=self._store.highest_segment_id() + 1
+            )
             log.info("this worker now trains the model (from revision %d)", self.trainer.revision)
         elif not leading and self.trainer is not None:
             log.info("another worker holds the model lease now; following it")

@@ -2,9 +2,10 @@
 through the real pipeline.
 
 A generated shop (personas as ground truth, and with the drift schedule: a sale, then a
-persona that appears mid-stream) is produced to a broker, a worker consumes it into Redis
-exactly as deployed, and the figures are computed from what other services would see:
-the segments stored in Redis, the `segment-changes` and `segment-lifecycle` topics.
+persona that appears mid-stream) is produced to a broker in event-time order, a worker
+consumes it into Redis exactly as deployed, and the figures are computed from what other
+services would see: the segments stored in Redis, the `segment-changes` and
+`segment-lifecycle` topics.
 
 * quality: ARI and NMI of the stored segments against the personas, and of scikit-learn
   k-means (k-means++, k = the live segments) fitted on the same final profiles; ARI
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 from sklearn.cluster import KMeans as BatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
@@ -41,7 +42,6 @@ from worker.replay import produce
 from worker.sink import connect
 from worker.source import ensure_topics, kafka_client_config
 
-PARTITIONS = 4
 SILHOUETTE_SAMPLE = 5000
 
 
@@ -56,10 +56,24 @@ class Evaluation:
     def run(self) -> dict[str, Any]:
         settings = self._own_topics()
         shop = generate(self.users, self.events, seed=self.seed, drifts=self.drifts)
-        ensure_topics(settings.kafka, PARTITIONS)
-        produce(shop.events, settings)
-        worker = Worker(settings, Metrics(), threading.Event())
-        worker.run(stop_after_idle=3.0)
+        # In event-time order, as a live shop sends them: one partition of one topic. (A
+        # backfill over several partitions and two topics reads them at different paces
+        # in event time, which smears a drift's onset over their skew.)
+        ensure_topics(settings.kafka, 1)
+        produce(shop.events, settings, topic=settings.kafka.clickstream_topic)
+        stop = threading.Event()
+        worker = Worker(settings, Metrics(), stop)
+        running = threading.Thread(target=worker.run, daemon=True)
+        running.start()
+        while running.is_alive() and worker.totals.applied < len(shop.events):
+            stop.wait(0.5)  # every event applied: stop, as SIGTERM would (drain, publish)
+        stop.set()
+        running.join()
+        if worker.totals.applied != len(shop.events):
+            raise RuntimeError(
+                f"the worker stopped after {worker.totals.applied:,} of "
+                f"{len(shop.events):,} events; see its log"
+            )
         segments, profiles = self._stored(settings)
         lifecycle = read_all(settings, settings.kafka.lifecycle_topic)
         changes = read_all(settings, settings.kafka.changes_topic)
@@ -116,15 +130,16 @@ class Evaluation:
 
 
 def read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:
-    """Every message on a topic, decoded."""
-    consumer = KafkaConsumer(
-        topic,
-        **kafka_client_config(settings.kafka),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=3000,
-    )
-    messages = [orjson.loads(m.value) for m in consumer]
+    """Every message on a topic, decoded: read up to the end offsets taken at the start."""
+    consumer = KafkaConsumer(**kafka_client_config(settings.kafka), enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    end = consumer.end_offsets(partitions)
+    messages: list[dict[str, Any]] = []
+    while any(consumer.position(tp) < end[tp] for tp in partitions):
+        for records in consumer.poll(timeout_ms=1000).values():
+            messages.extend(orjson.loads(r.value) for r in records)
     consumer.close()
     return messages
 

@@ -99,7 +99,7 @@ class Segment:
 class SegmentModel:
     """Scaler + KMeans + seeding, adaptation and the registry of stable segment ids."""
 
-    def __init__(self, settings: ModelSettings) -> None:
+    def __init__(self, settings: ModelSettings, first_id: int = 1) -> None:
         self._settings = settings
         self.scaler = preprocessing.StandardScaler()
         self.kmeans = cluster.KMeans(
@@ -108,7 +108,7 @@ class SegmentModel:
         self.version = 0
         self.revision = 0
         self.segments: dict[int, Segment] = {}
-        self._next_id = 1
+        self._next_id = first_id  # ids are never reused, even by a fresh model
         self.reservoir: OrderedDict[str, dict[str, float]] = OrderedDict()
         self.reference: list[dict[str, float]] = []  # the reservoir at the last (re)fit
         # Each segment's centre as of its last (re)fit, in original units: what its id

@@ -341,6 +341,20 @@ class RedisStore:
 
         return self._call("scan_members", scan)
 
+    def highest_segment_id(self) -> int:
+        """The highest numbered segment id ever described here (`s7` -> 7), live or
+        retired, so a fresh model (say after an incompatible upgrade) does not reuse one."""
+        prefix = self._keys.segment("")
+
+        def scan() -> int:
+            numbers = [
+                (k.decode() if isinstance(k, bytes) else str(k))[len(prefix) + 1 :]
+                for k in self._redis.scan_iter(match=self._keys.segment("*"), count=1000)
+            ]
+            return max((int(n) for n in numbers if n.isdigit()), default=0)
+
+        return self._call("scan_segments", scan)
+
     def members(self, segment_ids: Iterable[str]) -> set[str]:
         """Every user stored as a member of these segments."""
 
