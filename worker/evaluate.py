@@ -2,8 +2,8 @@
 through the real pipeline.
 
 A generated shop (personas as ground truth, and with the drift schedule: a sale, then a
-persona that appears mid-stream) is produced to a broker in event-time order, a worker
-consumes it into Redis exactly as deployed, and the figures are computed from what other
+persona that appears mid-stream) is produced to a broker in event-time order while a
+worker consumes it into Redis exactly as deployed, and the figures are computed from what other
 services would see: the segments stored in Redis, the `segment-changes` and
 `segment-lifecycle` topics.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,8 @@ from worker.sink import connect
 from worker.source import ensure_topics, kafka_client_config
 
 SILHOUETTE_SAMPLE = 5000
+PARTITIONS = 4
+LEAD = 5000  # events the shop may be ahead of the worker
 
 
 @dataclass
@@ -56,15 +59,23 @@ class Evaluation:
     def run(self) -> dict[str, Any]:
         settings = self._own_topics()
         shop = generate(self.users, self.events, seed=self.seed, drifts=self.drifts)
-        # In event-time order, as a live shop sends them: one partition of one topic. (A
-        # backfill over several partitions and two topics reads them at different paces
-        # in event time, which smears a drift's onset over their skew.)
-        ensure_topics(settings.kafka, 1)
-        produce(shop.events, settings, topic=settings.kafka.clickstream_topic)
+        # As a live shop sends them: while the worker runs, at most LEAD events ahead of
+        # it, on one topic. (Pre-produced over two topics and several partitions, they
+        # are read at different paces in event time, which smears a drift's onset over
+        # the skew.)
+        ensure_topics(settings.kafka, PARTITIONS)
         stop = threading.Event()
         worker = Worker(settings, Metrics(), stop)
         running = threading.Thread(target=worker.run, daemon=True)
         running.start()
+
+        def live() -> Iterator[dict[str, object]]:
+            for sent, event in enumerate(shop.events):
+                while sent - worker.totals.applied > LEAD and running.is_alive():
+                    stop.wait(0.05)
+                yield event
+
+        produce(live(), settings, topic=settings.kafka.clickstream_topic)
         while running.is_alive() and worker.totals.applied < len(shop.events):
             stop.wait(0.5)  # every event applied: stop, as SIGTERM would (drain, publish)
         stop.set()
