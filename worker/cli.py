@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -35,6 +35,17 @@ ConfigOption = Annotated[
         "--config", "-c", help="YAML settings file (also SEGMENT_CONFIG).", dir_okay=False
     ),
 ]
+
+
+EmbeddedOption = Annotated[
+    bool,
+    typer.Option(
+        "--embedded/--given",
+        help="Embedded Tansu and redis-server, or the broker and Redis of the settings.",
+    ),
+]
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")]
 
 
 LogFormatOption = Annotated[
@@ -220,7 +231,8 @@ def explain(user_id: str, config: ConfigOption = None) -> None:
     console.print(
         f"[bold]{user_id}[/] → [bold]{assignment.segment}[/] {assignment.name!r} "
         f"(model v{model.version} revision {model.revision}; stored: {profile.segment})\n"
-        f"{by_id[assignment.segment].description}"
+        f"{by_id[assignment.segment].description}",
+        soft_wrap=True,  # whole lines, so they can be grepped
     )
     facts = Table(title="profile", show_header=False)
     for name in ("orders", "monetary", "sessions", "last_ts", "last_purchase_ts"):
@@ -317,14 +329,8 @@ def bench(
     latency_seconds: Annotated[
         float, typer.Option(min=5, help="Length of the paced latency run.")
     ] = 30.0,
-    embedded: Annotated[
-        bool,
-        typer.Option(
-            "--embedded/--given",
-            help="Embedded Tansu and redis-server, or the broker and Redis of the settings.",
-        ),
-    ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    embedded: EmbeddedOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Measure throughput, latency, footprint, the batch alternative and scale-out."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -340,13 +346,20 @@ def bench(
     ):
         bench = Bench(where, events, users, latency_seconds, progress, broker_pid, redis_pid)
         figures = bench.run()
+    _report(figures, as_json, "segment-worker bench", rows(figures))
+
+
+def _report(
+    figures: dict[str, Any], as_json: bool, title: str, rows: list[tuple[str, str, str]]
+) -> None:
+    """The figures as JSON on stdout, or as a (figure, measured, target) table."""
     if as_json:
         sys.stdout.write(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    table = Table(title="segment-worker bench")
+    table = Table(title=title)
     for column in ("figure", "measured", "target"):
         table.add_column(column)
-    for row in rows(figures):
+    for row in rows:
         table.add_row(*row)
     console.print(table)
 
@@ -363,14 +376,8 @@ def evaluate(
             "--drifts/--stationary", help="With the drift schedule (sale, new persona) or not."
         ),
     ] = True,
-    embedded: Annotated[
-        bool,
-        typer.Option(
-            "--embedded/--given",
-            help="Embedded Tansu and redis-server, or the broker and Redis of the settings.",
-        ),
-    ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    embedded: EmbeddedOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Run a generated shop through the pipeline; score segments, stability and drift."""
     from worker.embedded import servers
@@ -383,15 +390,9 @@ def evaluate(
         servers(settings, embedded) as (where, _, _),
     ):
         figures = Evaluation(where, users, events, seed, drifts).run()
+    _report(figures, as_json, "segment-worker evaluate", rows(figures))
     if as_json:
-        sys.stdout.write(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    table = Table(title="segment-worker evaluate")
-    for column in ("figure", "measured", "target"):
-        table.add_column(column)
-    for row in rows(figures):
-        table.add_row(*row)
-    console.print(table)
     segments = Table(title="segments: size and main persona")
     for column in ("segment", "users", "persona", "purity"):
         segments.add_column(column)
