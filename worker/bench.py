@@ -236,11 +236,12 @@ class Bench:
         other_cpu = {name: cpu_seconds(pid) for name, pid in others.items()}
         samples: list[Sample] = []
         peak = [0.0] * workers
-        events = 0.0
+        applied = [0.0] * workers
         while any(p.alive() for p in procs):
-            scraped = [scrape(p.port) for p in procs]
-            # a worker that has exited reports nothing: keep the highest count seen
-            events = max(events, sum(total(s, "segmentation_events_total") for s in scraped))
+            # a worker that has exited reports nothing: keep each one's highest count seen
+            for i, p in enumerate(procs):
+                applied[i] = max(applied[i], total(scrape(p.port), "segmentation_events_total"))
+            events = sum(applied)
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 cpu = sum(cpu_seconds(p.pid) for p in procs if p.alive())
                 peak = [max(peak[i], peak_rss_mb(p.pid)) for i, p in enumerate(procs)]
