@@ -27,17 +27,11 @@ FEATURES: tuple[str, ...] = (
     "tenure_days",
 )
 
-# Features that do not grow with a profile's age (shares, rates, prices): their
-# distribution is steady while behaviour is, even as a cold-started population matures.
-RATES: tuple[str, ...] = (
-    "events_per_session",
-    "conversion",
-    "aov",
-    "view_to_cart",
-    "cart_to_purchase",
-    "search_share",
-    "price_level",
-)
+# Features that grow with a profile's age (counts and spans) and those that do not
+# (shares, rates, prices): the latter's distribution is steady while behaviour is, even
+# as a cold-started population matures.
+GROWING: tuple[str, ...] = ("sessions", "orders", "purchase_recency_days", "tenure_days")
+RATES: tuple[str, ...] = tuple(name for name in FEATURES if name not in GROWING)
 
 BROWSING = ("page_view", "product_view", "search", "wishlist_add")
 
