@@ -191,7 +191,7 @@ class Worker:
         if batch:
             self._write(batch)
         if self.coordinator.leading and self.model.ready:
-            self.store.expire_members(self.store.segments_with_members())
+            self.store.expire_members(self.model.ids_ever())
 
     def _sync(self, batch: BatchWrite, publish: bool = True) -> None:
         if publish:
@@ -223,7 +223,7 @@ class Worker:
         self._pending_check = False
         waiting = set(self.store.pending_users()) | batch.pending
         live = {seg.id for seg in self.model.segments.values()}
-        waiting |= self.store.members(self.store.segments_with_members() - live)
+        waiting |= self.store.members(self.model.ids_ever() - live)
         batch.pending = set()
         self._load_missing(waiting)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}

@@ -231,7 +231,8 @@ class Bench:
     def full_speed(self, settings: Settings, task: Any, workers: int) -> dict[str, Any]:
         label = "full speed" if workers == 1 else f"scale-out: {workers} workers"
         self.progress.update(task, description=label, completed=0)
-        procs = [WorkerProcess(settings, idle_s=3).start() for _ in range(workers)]
+        # idle long enough to outlast a rebalance and a slow first fetch from deep offsets
+        procs = [WorkerProcess(settings, idle_s=15).start() for _ in range(workers)]
         others = {name: pid for name, pid in self.pids.items() if pid}
         other_cpu = {name: cpu_seconds(pid) for name, pid in others.items()}
         samples: list[Sample] = []

@@ -168,6 +168,10 @@ class SegmentModel:
             self._adapt_in = self._settings.adapt_after
         return True
 
+    def ids_ever(self) -> set[str]:
+        """Every id this model's line has given out, live or retired (ids are numbered)."""
+        return {f"s{n}" for n in range(1, self._next_id)}
+
     def forget(self, user_id: str) -> None:
         """Drop a deleted user's profile from the reservoir."""
         self.reservoir.pop(user_id, None)

@@ -328,19 +328,6 @@ class RedisStore:
 
         return self._call("expire_members", expire)
 
-    def segments_with_members(self) -> set[str]:
-        """Ids of every segment that has members stored (live, or retired and not yet
-        emptied)."""
-        prefix = self._keys.members("")
-
-        def scan() -> set[str]:
-            return {
-                (k.decode() if isinstance(k, bytes) else str(k))[len(prefix) :]
-                for k in self._redis.scan_iter(match=self._keys.members("*"), count=1000)
-            }
-
-        return self._call("scan_members", scan)
-
     def highest_segment_id(self) -> int:
         """The highest numbered segment id ever described here (`s7` -> 7), live or
         retired, so a fresh model (say after an incompatible upgrade) does not reuse one."""
