@@ -10,12 +10,13 @@ import redis
 from schemas.records import KEY_FORMAT, RedisKeys, SegmentRecord, UserSegment
 
 
-def _str(value: bytes | str | float) -> str:
+def text(value: bytes | str | float) -> str:
+    """A Redis reply as text, whether the client decodes responses or not."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _text(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
-    return {_str(k): _str(v) for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}
 
 
 class IncompatibleFormat(RuntimeError):
@@ -46,7 +47,7 @@ class SegmentReader:
     def segments(self) -> dict[str, SegmentRecord]:
         """Every live segment by id, ordered by id number."""
         ids = sorted(
-            (_str(i) for i in self._redis.smembers(self._keys.segments)),
+            (text(i) for i in self._redis.smembers(self._keys.segments)),
             key=lambda s: (len(s), s),
         )
         pipe = self._redis.pipeline(transaction=False)
@@ -65,4 +66,4 @@ class SegmentReader:
     def members(self, segment_id: str, cursor: int = 0, count: int = 500) -> tuple[int, list[str]]:
         """One page of a segment's users: (next cursor, user ids); cursor 0 ends."""
         next_cursor, page = self._redis.zscan(self._keys.members(segment_id), cursor, count=count)
-        return int(next_cursor), [_str(member) for member, _ in page]
+        return int(next_cursor), [text(member) for member, _ in page]

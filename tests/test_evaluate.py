@@ -33,6 +33,5 @@ def test_evaluate_scores_segments_stability_and_drift_response(settings: Setting
     assert sale["first_detection"]["events"] <= 2000, sale
     # the new persona ends up in a segment of its own: one where it is the main persona
     assert any(s["persona"] == "new_visitor" for s in figures["segments"].values())
-    assert sum(s["users"] for s in figures["segments"].values()) == quality["users"]
     table = dict((figure, measured) for figure, measured, _ in rows(figures))
     assert table["ARI streaming vs personas"] == str(quality["ari_streaming"])

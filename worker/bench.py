@@ -40,13 +40,13 @@ from sklearn.cluster import KMeans as BatchKMeans
 from sklearn.metrics import adjusted_rand_score
 
 from config.settings import Settings, to_env
+from schemas.reader import text
 from schemas.records import RedisKeys
 from worker.embedded import free_port
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
-from worker.profiles import Profile
 from worker.replay import produce
-from worker.sink import connect
+from worker.sink import connect, stored_profiles
 from worker.source import consumer_config, ensure_topics
 
 PARTITIONS = 4
@@ -277,9 +277,7 @@ class Bench:
             pipe.memory_usage(keys.user(user), samples=0)
             pipe.memory_usage(keys.profile(user), samples=0)
         per_user = sum(v or 0 for v in pipe.execute()) / len(sample)
-        members = [
-            s.decode() if isinstance(s, bytes) else s for s in self.redis.smembers(keys.segments)
-        ]
+        members = [text(s) for s in self.redis.smembers(keys.segments)]
         zset_bytes = sum(self.redis.memory_usage(keys.members(s), samples=0) or 0 for s in members)
         zset_users = sum(self.redis.zcard(keys.members(s)) for s in members)
         return round(per_user + zset_bytes / max(zset_users, 1))
@@ -293,17 +291,13 @@ class Bench:
         self.progress.update(task, description="batch alternative", completed=0)
         keys = RedisKeys(settings.redis.key_prefix)
         started = time.monotonic()
-        names = list(self.redis.scan_iter(keys.profile("*"), count=5000))
         extract = FeatureExtractor(settings.profile)
         rows: list[list[float]] = []
         ids: list[str] = []
-        for chunk in range(0, len(names), 5000):
-            for blob in self.redis.mget(names[chunk : chunk + 5000]):
-                if blob:
-                    profile = Profile.decode(blob)
-                    x = extract(profile)
-                    ids.append(profile.user_id)
-                    rows.append([x[name] for name in FEATURES])
+        for profile in stored_profiles(self.redis, keys):
+            x = extract(profile)
+            ids.append(profile.user_id)
+            rows.append([x[name] for name in FEATURES])
         loaded = time.monotonic()
         points = np.array(rows)
         points = (points - points.mean(axis=0)) / np.maximum(points.std(axis=0), 1e-9)

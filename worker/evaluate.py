@@ -33,6 +33,7 @@ from sklearn.cluster import KMeans as BatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from config.settings import Settings
+from schemas.reader import text
 from schemas.records import RedisKeys
 from worker.app import Worker
 from worker.features import FEATURES, FeatureExtractor
@@ -40,7 +41,7 @@ from worker.generator import Shop, event_ms, generate
 from worker.metrics import Metrics
 from worker.profiles import DAY_MS, Profile
 from worker.replay import produce
-from worker.sink import connect
+from worker.sink import connect, stored_profiles
 from worker.source import ensure_topics, kafka_client_config
 
 SILHOUETTE_SAMPLE = 5000
@@ -122,22 +123,17 @@ class Evaluation:
         """Every user's stored segment and profile."""
         client = connect(settings.redis)
         keys = RedisKeys(settings.redis.key_prefix)
-        names = [n.decode() for n in client.scan_iter(keys.profile("*"), count=5000)]
-        users = [name[len(keys.profile("")) :] for name in names]
-        segments: dict[str, str] = {}
-        profiles: dict[str, Profile] = {}
-        for start in range(0, len(users), 5000):
-            chunk = users[start : start + 5000]
-            pipe = client.pipeline(transaction=False)
-            for user in chunk:
-                pipe.hget(keys.user(user), "segment")
-            blobs = client.mget([keys.profile(u) for u in chunk])
-            for user, segment, blob in zip(chunk, pipe.execute(), blobs, strict=True):
-                if segment and blob:
-                    segments[user] = segment.decode()
-                    profiles[user] = Profile.decode(blob)
+        profiles = {p.user_id: p for p in stored_profiles(client, keys)}
+        pipe = client.pipeline(transaction=False)
+        for user in profiles:
+            pipe.hget(keys.user(user), "segment")
+        segments = {
+            user: text(segment)
+            for user, segment in zip(profiles, pipe.execute(), strict=True)
+            if segment
+        }
         client.close()
-        return segments, profiles
+        return segments, {user: profiles[user] for user in segments}
 
 
 def read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:

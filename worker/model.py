@@ -142,18 +142,14 @@ class SegmentModel:
         # before the move (what the detector watches) is the distance now, scaled back
         distance = self._distance(z, index) / (1 - self.kmeans.halflife)
         drifts = tuple(self.detectors.update(z, index, distance))
-        for detector in drifts:
-            self.lifecycle.append(self._event("drift_detected", event_ts, detector=detector))
-        if drifts and self._adapt_in is None:
-            self._adapt_in = self._settings.adapt_after
+        self._drifted(drifts, event_ts)
         detail = "; ".join(self.detectors.describe(detector) for detector in drifts)
         self._since_refit += 1
         if self._adapt_in is not None:
             self._adapt_in -= 1
         drifted = self._adapt_in == 0
-        if (
-            drifted or self._since_refit >= self._settings.refit_every
-        ) and self._settings.adaptation:
+        due = self._settings.adaptation and self._since_refit >= self._settings.refit_every
+        if drifted or due:
             self.adapt(event_ts, grow=drifted)
             return Learned(drifts=drifts, detail=detail, adapted=True)
         return Learned(drifts=drifts, detail=detail)
@@ -163,10 +159,16 @@ class SegmentModel:
         revealed drift."""
         if not self.ready or not self.detectors.observe(event_type, price):
             return False
-        self.lifecycle.append(self._event("drift_detected", event_ts, detector="events"))
-        if self._adapt_in is None:
-            self._adapt_in = self._settings.adapt_after
+        self._drifted(("events",), event_ts)
         return True
+
+    def _drifted(self, detectors: tuple[str, ...], event_ts: int) -> None:
+        """Record detections for `segment-lifecycle` and schedule a refit (unless one is
+        scheduled already, or adaptation is off)."""
+        for detector in detectors:
+            self.lifecycle.append(self._event("drift_detected", event_ts, detector=detector))
+        if detectors and self._adapt_in is None and self._settings.adaptation:
+            self._adapt_in = self._settings.adapt_after
 
     def ids_ever(self) -> set[str]:
         """Every id this model's line has given out, live or retired (ids are numbered)."""

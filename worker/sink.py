@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.settings import KafkaSettings, RedisSettings
+from schemas.reader import text
 from schemas.records import KEY_FORMAT, RedisKeys, SegmentChange, SegmentLifecycle, UserSegment
 from worker.decode import DeadLetter
 from worker.metrics import Metrics
@@ -84,6 +85,18 @@ def connect(settings: RedisSettings) -> redis.Redis:
         socket_connect_timeout=settings.socket_timeout_s,
         **tls,
     )
+
+
+def stored_profiles(client: redis.Redis, keys: RedisKeys, chunk: int = 5000) -> list[Profile]:
+    """Every profile stored under these keys: a full scan, for offline jobs (the batch
+    alternative of `bench`, `evaluate`), never for the worker."""
+    names = list(client.scan_iter(keys.profile("*"), count=chunk))
+    return [
+        Profile.decode(blob)
+        for start in range(0, len(names), chunk)
+        for blob in client.mget(names[start : start + chunk])
+        if blob
+    ]
 
 
 class RedisRejected(Permanent):
@@ -335,7 +348,7 @@ class RedisStore:
 
         def scan() -> int:
             numbers = [
-                (k.decode() if isinstance(k, bytes) else str(k))[len(prefix) + 1 :]
+                text(k)[len(prefix) + 1 :]
                 for k in self._redis.scan_iter(match=self._keys.segment("*"), count=1000)
             ]
             return max((int(n) for n in numbers if n.isdigit()), default=0)
@@ -349,17 +362,13 @@ class RedisStore:
             pipe = self._redis.pipeline(transaction=False)
             for segment_id in segment_ids:
                 pipe.zrange(self._keys.members(segment_id), 0, -1)
-            return {
-                m.decode() if isinstance(m, bytes) else str(m)
-                for members in pipe.execute()
-                for m in members
-            }
+            return {text(m) for members in pipe.execute() for m in members}
 
         return self._call("load_members", read)
 
     def pending_users(self) -> list[str]:
         members = self._call("load_pending", lambda: self._redis.smembers(self._keys.pending))
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        return [text(m) for m in members]
 
     def claim_model_lease(self, worker_id: str, ttl_ms: int) -> bool:
         """Become (or stay) the one worker that trains and publishes the model."""
