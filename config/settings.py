@@ -136,7 +136,7 @@ class ModelSettings(_Section):
     # drift: the detectors' false-alarm bounds and the segment-share (PSI) check
     fit_drift_delta: Share = 0.002
     feature_drift_delta: Share = 1e-5
-    event_drift_threshold: PositiveFloat = 16.0
+    event_drift_threshold: PositiveFloat = 8.0
     psi_window: Annotated[int, Field(ge=100)] = 2000
     psi_threshold: PositiveFloat = 0.2
     # adaptation: from the last `reservoir_size` profiles learned, `adapt_after` of them

@@ -46,6 +46,27 @@ def test_drift_schedule_sale_and_new_persona_with_their_onsets() -> None:
     assert shop.drifts["new_persona"] > event_ms(shop.events[len(shop.events) // 2])
 
 
+def test_new_visitors_arrive_together_and_lapsing_customers_lapse_one_by_one() -> None:
+    """A crowd arrives at the new persona's onset (each visitor's first session is at
+    their join, within 2 % of the timeline either side), while lapsing customers stop
+    buying at their own times, not on one day: that would be a drift of its own."""
+    shop = generate(1500, 60_000, seed=5)
+    span = event_ms(shop.events[-1]) - event_ms(shop.events[0])
+    first: dict[str, int] = {}
+    last_order: dict[str, int] = {}
+    for e in shop.events:
+        user = str(e["user_id"])
+        first.setdefault(user, event_ms(e))
+        if e["event_type"] == "purchase" and shop.truth[user] == "lapsing_customer":
+            last_order[user] = event_ms(e)
+    onset = shop.drifts["new_persona"]
+    arrived = [first[u] - onset for u, persona in shop.truth.items() if persona == ARRIVING]
+    assert max(arrived) <= 0.05 * span
+    lapsed = sorted(last_order.values())
+    assert lapsed[-1] < shop.drifts["sale"]
+    assert lapsed[len(lapsed) * 3 // 4] - lapsed[len(lapsed) // 4] > 0.1 * span
+
+
 def test_stationary_shop_has_no_drift() -> None:
     shop = generate(500, 8000, seed=4, drifts=False)
     assert shop.drifts == {}

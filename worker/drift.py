@@ -27,7 +27,7 @@ per worker:
 
 ADWIN keeps an adaptive window and reports when its older and newer parts differ in
 mean beyond what chance explains (delta bounds the false-alarm rate); Page-Hinkley sums
-the standardized excess over the mean (less a slack of 0.5) and reports when the sum
+the standardized excess over the mean (less a slack of `EVENT_SLACK`) and reports when the sum
 passes `event_drift_threshold`; PSI's conventional reading (< 0.1 stable, > 0.25 a
 major shift) gives its threshold. Detectors are not checkpointed as such: the model stores its
 reservoir of recent profiles, and a restored model replays it through fresh detectors
@@ -57,7 +57,10 @@ EVENT_SIGNALS = {  # what the `events` detector watches, by name in the log
     "search": "search share of events",
     "price": "price of items viewed",
 }
-EVENTS_PER_SAMPLE = 250  # events averaged into one sample of the `events` detector
+EVENTS_PER_SAMPLE = 200  # events averaged into one sample of the `events` detector
+# Half the smallest shift worth catching, in standard deviations of a sample (a sale moves
+# the purchase share by about three): the usual CUSUM choice, quickest for that shift.
+EVENT_SLACK = 1.5
 
 
 def psi(reference: Counter[int], current: Counter[int]) -> float:
@@ -106,7 +109,10 @@ class Detectors:
         self.shares = ShareShift(settings.psi_window, settings.psi_threshold)
         self._events = {
             name: drift.PageHinkley(
-                min_instances=30, delta=0.5, threshold=settings.event_drift_threshold, mode="both"
+                min_instances=30,
+                delta=EVENT_SLACK,
+                threshold=settings.event_drift_threshold,
+                mode="both",
             )
             for name in EVENT_SIGNALS
         }

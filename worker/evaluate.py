@@ -47,6 +47,7 @@ from worker.source import ensure_topics, kafka_client_config
 SILHOUETTE_SAMPLE = 5000
 PARTITIONS = 4
 LEAD = 5000  # events the shop may be ahead of the worker
+RECOVERY_EVENTS = 10_000  # events after the new persona's onset when ARI is taken again
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Evaluation:
             },
             "quality": quality(settings, shop.truth, segments, profiles),
             "stability": stability(shop, lifecycle, changes, settings.model.settle_days),
+            "recovery": recovery(shop, changes),
             "drift": drift_response(shop, lifecycle, settings.model.settle_days),
             "segments": composition(shop.truth, segments),
         }
@@ -187,6 +189,35 @@ def quality(
         "nmi_batch": round(float(normalized_mutual_info_score(personas, batch)), 3),
         "silhouette_streaming": round(silhouette(streaming), 3),
         "silhouette_batch": round(silhouette(batch), 3),
+    }
+
+
+def recovery(shop: Shop, changes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """ARI against the personas of the segments as stored `RECOVERY_EVENTS` events after
+    the new persona appeared, rebuilt from `segment-changes`: how soon the segments
+    describe the shop again."""
+    onset = shop.drifts.get("new_persona")
+    times = [event_ms(e) for e in shop.events]
+    after = int(np.searchsorted(times, onset)) + RECOVERY_EVENTS if onset else len(times)
+    if after >= len(times):
+        return None
+    at = times[after]
+    segment: dict[str, str] = {}
+    for change in sorted(changes, key=lambda c: c["timestamp"]):
+        if change["timestamp"] > at:
+            break
+        if change["to"] is None:
+            segment.pop(change["user_id"], None)
+        else:
+            segment[change["user_id"]] = change["to"]
+    users = sorted(segment)
+    return {
+        "events_after_onset": RECOVERY_EVENTS,
+        "users": len(users),
+        "ari": round(
+            float(adjusted_rand_score([shop.truth[u] for u in users], [segment[u] for u in users])),
+            3,
+        ),
     }
 
 
@@ -326,6 +357,9 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("changed segment per user per day", f"{s['changes_per_user_per_day']}", "≤ 0.01"),
         ("false alarms per 100k stationary events", f"{d['false_alarms_per_100k']}", "≤ 1"),
     ]
+    if r := figures["recovery"]:
+        after = f"ARI {r['events_after_onset']:,} events after the new persona"
+        table.append((after, f"{r['ari']}", "≥ 0.85"))
     for name, drift in d["scheduled"].items():
         first = drift["first_detection"]
         new = drift["first_new_segment"]

@@ -35,6 +35,7 @@ class Persona:
     joins_at: float = 0.0  # fraction of the timeline before the user appears
     buy_changes_at: float = 1.0  # fraction of the user's active span after which they
     buy_after: float = 0.0  # buy this often per session instead
+    buy_changes_spread: float = 0.0  # each user's own change comes up to this much either side
     categories: tuple[str, ...] = CATEGORIES
 
 
@@ -98,7 +99,8 @@ PERSONAS: tuple[Persona, ...] = (
         _mix(page_view=4, product_view=4, search=1, add_to_cart=1),
         buy_per_session=0.85,
         price=60,
-        buy_changes_at=0.35,
+        buy_changes_at=0.3,
+        buy_changes_spread=0.2,
     ),
     Persona(
         "cart_abandoner",
@@ -132,7 +134,8 @@ def scenario(drifts: bool) -> tuple[Persona, ...]:
     """The personas of a run. With `drifts`, the drift schedule: a sale at `SALE_AT` turns
     window shoppers into buyers and makes buyers buy more, and new visitors appear at
     their `joins_at`.
-    Without, a stationary shop: the other personas, behaving the same throughout."""
+    Without, a stationary shop: the other personas, each behaving the same throughout
+    but for lapsing customers, each of whom stops buying at their own time."""
     if not drifts:
         return tuple(p for p in PERSONAS if p.name != ARRIVING)
 
@@ -141,8 +144,8 @@ def scenario(drifts: bool) -> tuple[Persona, ...]:
             return p
         if p.name == "window_shopper":
             return replace(p, buy_changes_at=SALE_AT, buy_after=SALE_WINDOW_SHOPPERS_BUY)
-        if p.buy_changes_at < SALE_AT:  # lapsed before the sale: the sale does not reach them
-            return p
+        if p.buy_changes_at + p.buy_changes_spread < SALE_AT:  # all lapsed before the sale:
+            return p  # the sale does not reach them
         return replace(
             p, buy_changes_at=SALE_AT, buy_after=min(SALE_BOOST * p.buy_per_session, 1.0)
         )
@@ -218,11 +221,16 @@ def _user_events(
 ) -> Iterator[tuple[int, dict[str, object]]]:
     start = p.joins_at * days * rng.uniform(0.98, 1.02) if p.joins_at else 0.0
     active = days - start
-    buy_change = start + p.buy_changes_at * active
+    spread = p.buy_changes_spread
+    buy_change = start + (p.buy_changes_at + rng.uniform(-spread, spread)) * active
     n_sessions = max(1, _poisson(rng, p.sessions_per_day * active))
     favourites = rng.sample(p.categories, k=min(2, len(p.categories)))
     counter = 0
-    for s, day in enumerate(sorted(rng.uniform(start, days) for _ in range(n_sessions))):
+    # A user who joins mid-stream arrives then: their first session is at the join.
+    days_of = sorted(rng.uniform(start, days) for _ in range(n_sessions))
+    if p.joins_at:
+        days_of[0] = start
+    for s, day in enumerate(days_of):
         ts = START_MS + int(day * DAY_MS)
         session_id = f"{user_id}-s{s}"
         cart: list[tuple[str, str, float]] = []
