@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -251,6 +252,25 @@ def test_json_logs_are_one_object_per_line(settings: Settings, tmp_path: Path) -
     records = [json.loads(line) for line in ran.stderr.splitlines() if line.strip()]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any("joined consumer group" in r["message"] for r in records)
+
+
+def test_a_read_racing_a_close_is_not_logged_but_other_transport_errors_are() -> None:
+    from logging.handlers import BufferingHandler
+
+    from worker.cli import _settings
+
+    _settings(None)
+    transport, logged = logging.getLogger("kafka.net.transport"), BufferingHandler(10)
+    transport.addHandler(logged)
+    try:
+        for error in (AttributeError("'NoneType' object has no attribute 'recv'"), OSError()):
+            try:
+                raise error
+            except Exception:
+                transport.exception("Error receiving network data closing socket")
+    finally:
+        transport.removeHandler(logged)
+    assert [r.exc_info[1] for r in logged.buffer if r.exc_info] == [error]
 
 
 def test_reader_refuses_an_unknown_key_format(redis_client: redis.Redis) -> None:

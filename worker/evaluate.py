@@ -100,7 +100,7 @@ class Evaluation:
             },
             "quality": quality(settings, shop.truth, segments, profiles),
             "stability": stability(shop, lifecycle, changes, settings.model.settle_days),
-            "recovery": recovery(shop, changes),
+            "recovery": recovery(shop, changes, segments),
             "drift": drift_response(shop, lifecycle, settings.model.settle_days),
             "segments": composition(shop.truth, segments),
         }
@@ -192,16 +192,35 @@ def quality(
     }
 
 
-def recovery(shop: Shop, changes: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """ARI against the personas of the segments as stored `RECOVERY_EVENTS` events after
-    the new persona appeared, rebuilt from `segment-changes`: how soon the segments
-    describe the shop again."""
+def recovery(
+    shop: Shop, changes: list[dict[str, Any]], segments: dict[str, str]
+) -> dict[str, Any] | None:
+    """How the segments answer the new persona, rebuilt from `segment-changes`: ARI against
+    the personas at its onset and `RECOVERY_EVENTS` events later, and which ids existing at
+    the onset (and still live at the end) stand for another persona at the end: their
+    members' main persona moved."""
     onset = shop.drifts.get("new_persona")
     times = [event_ms(e) for e in shop.events]
     after = int(np.searchsorted(times, onset)) + RECOVERY_EVENTS if onset else len(times)
-    if after >= len(times):
+    if onset is None or after >= len(times):
         return None
-    at = times[after]
+    before, later = _segments_at(changes, onset), _segments_at(changes, times[after])
+    then, now = composition(shop.truth, before), composition(shop.truth, segments)
+    return {
+        "events_after_onset": RECOVERY_EVENTS,
+        "ari_at_onset": _ari(shop.truth, before),
+        "ari": _ari(shop.truth, later),
+        "ids_compared": len(then.keys() & now.keys()),
+        "changed_meaning": {
+            id_: f"{then[id_]['persona']} -> {now[id_]['persona']}"
+            for id_ in sorted(then.keys() & now.keys(), key=lambda i: int(i[1:]))
+            if now[id_]["persona"] != then[id_]["persona"]
+        },
+    }
+
+
+def _segments_at(changes: list[dict[str, Any]], at: int) -> dict[str, str]:
+    """Each user's segment as published up to event time `at`."""
     segment: dict[str, str] = {}
     for change in sorted(changes, key=lambda c: c["timestamp"]):
         if change["timestamp"] > at:
@@ -210,15 +229,14 @@ def recovery(shop: Shop, changes: list[dict[str, Any]]) -> dict[str, Any] | None
             segment.pop(change["user_id"], None)
         else:
             segment[change["user_id"]] = change["to"]
-    users = sorted(segment)
-    return {
-        "events_after_onset": RECOVERY_EVENTS,
-        "users": len(users),
-        "ari": round(
-            float(adjusted_rand_score([shop.truth[u] for u in users], [segment[u] for u in users])),
-            3,
-        ),
-    }
+    return segment
+
+
+def _ari(truth: dict[str, str], segments: dict[str, str]) -> float:
+    users = sorted(segments)
+    return round(
+        float(adjusted_rand_score([truth[u] for u in users], [segments[u] for u in users])), 3
+    )
 
 
 def _seeded_at(lifecycle: list[dict[str, Any]]) -> int | None:
@@ -359,7 +377,13 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
     if r := figures["recovery"]:
         after = f"ARI {r['events_after_onset']:,} events after the new persona"
+        table.append(("ARI at the new persona's onset", f"{r['ari_at_onset']}", ""))
         table.append((after, f"{r['ari']}", "≥ 0.85"))
+        changed = ", ".join(f"{i}: {m}" for i, m in r["changed_meaning"].items())
+        kept = r["ids_at_onset"] - len(r["changed_meaning"])
+        table.append(
+            ("ids that kept their persona", f"{kept}/{r['ids_at_onset']} {changed}", "all")
+        )
     for name, drift in d["scheduled"].items():
         first = drift["first_detection"]
         new = drift["first_new_segment"]
