@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import orjson
 import pytest
 
 from config.settings import ProfileSettings
@@ -127,9 +128,14 @@ def test_fence_knows_what_was_applied() -> None:
     assert not profile.applied(Position("other", 0, 0))
 
 
-def test_encode_decode_round_trip() -> None:
-    profile = fold([click(T0, price=10.0, category="books"), purchase(T0 + 5, 20.0)])
-    assert Profile.decode(profile.encode()) == profile
+def test_encode_decode_round_trip_and_profiles_stored_as_json_still_load() -> None:
+    events = [click(T0 + i * 3_600_000, price=10.0 + i / 3, category="books") for i in range(9)]
+    profile = fold([*events, purchase(T0 + 40_000_000, 20.0)])
+    blob = profile.encode()
+    assert Profile.decode(blob) == profile
+    as_json = orjson.dumps(profile)  # what earlier releases stored
+    assert Profile.decode(as_json) == Profile.decode(as_json.decode()) == profile
+    assert len(blob) <= 0.6 * len(as_json)  # the point of the binary form: Redis memory
 
 
 def test_features_are_finite_and_bounded() -> None:

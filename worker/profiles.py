@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import msgpack
 import orjson
 
 from config.settings import ProfileSettings
@@ -84,11 +85,19 @@ class Profile:
         return sorted(self.categories.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
     def encode(self) -> bytes:
-        return orjson.dumps(self)  # orjson serializes dataclasses natively, and fast
+        """The fields in declaration order as a msgpack array: no field names, numbers in
+        binary (floats stay 64-bit, so a stored profile is bit-for-bit the live one); about
+        half the size of the same profile in JSON. A new field goes last, with a default,
+        so profiles stored before it still decode."""
+        blob: bytes = msgpack.packb([getattr(self, name) for name in self.__slots__])
+        return blob
 
     @classmethod
     def decode(cls, blob: bytes | str) -> Profile:
-        return cls(**orjson.loads(blob))
+        """A profile from `encode`, or from the JSON object that earlier releases stored."""
+        if isinstance(blob, str) or blob[:1] == b"{":
+            return cls(**orjson.loads(blob))
+        return cls(*msgpack.unpackb(blob))
 
 
 def event_digest(event_id: str) -> int:
