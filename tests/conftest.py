@@ -12,9 +12,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-import orjson
 import pytest
 import redis
 
@@ -23,6 +22,7 @@ from schemas.records import RedisKeys
 from worker.app import Worker
 from worker.embedded import EmbeddedBroker, EmbeddedRedis
 from worker.metrics import Metrics
+from worker.profiles import Profile
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +151,7 @@ def profiles(client: redis.Redis, prefix: str, users: set[str]) -> dict[str, dic
     for user in users:
         blob = client.get(keys.profile(user))
         if blob is not None:
-            profile = orjson.loads(blob)
+            profile = asdict(Profile.decode(blob))
             del profile["segment"]  # the model's answer, not the profile's data
             found[user] = profile
     return found

@@ -33,9 +33,13 @@ def test_evaluate_scores_segments_stability_and_drift_response(settings: Setting
     assert sale["first_detection"]["events"] <= 2000, sale
     # the new persona ends up in a segment of its own: one where it is the main persona
     assert any(s["persona"] == "new_visitor" for s in figures["segments"].values())
-    # 10k events after the new persona appeared, the segments as stored describe the shop
+    # 10k events after the new persona appeared (about 7 events a user in this small
+    # shop), the segments as stored still describe it: 0.50-0.67 over eight runs, chance 0
     recovery = figures["recovery"]
-    assert recovery["events_after_onset"] == 10_000 and recovery["ari"] >= 0.5, recovery
+    assert recovery["events_after_onset"] == 10_000 and recovery["ari"] >= 0.4, recovery
+    assert recovery["ids_compared"] >= 5  # the seeded ids live through the new persona
     table = dict((figure, measured) for figure, measured, _ in rows(figures))
     assert table["ARI streaming vs personas"] == str(quality["ari_streaming"])
     assert table["ARI 10,000 events after the new persona"] == str(recovery["ari"])
+    kept = recovery["ids_compared"] - len(recovery["changed_meaning"])
+    assert table["ids that kept their main persona"].startswith(f"{kept}/")

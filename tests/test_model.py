@@ -164,7 +164,7 @@ def groups(n: int, centres: list[float], rng: random.Random) -> list[dict[str, f
     return points
 
 
-def seeded(centres: list[float]) -> tuple[SegmentModel, dict[float, str]]:
+def seeded(centres: list[float], **overrides: float) -> tuple[SegmentModel, dict[float, str]]:
     """A model seeded on well-separated groups, and the id each group got."""
     settings = ModelSettings(
         n_clusters=len(centres),
@@ -173,6 +173,7 @@ def seeded(centres: list[float]) -> tuple[SegmentModel, dict[float, str]]:
         adapt_after=300,
         settle_days=0,
         seed=1,
+        **overrides,  # type: ignore[arg-type]
     )
     model = SegmentModel(settings)
     for i, x in enumerate(groups(300 // len(centres), centres, random.Random(1))):
@@ -207,6 +208,37 @@ def test_a_persistent_far_group_becomes_a_new_segment() -> None:
     new = segments_of(model, [16.0])[16.0]
     assert new not in ids.values()
     assert [(r.event, r.segment, r.model_version) for r in model.lifecycle] == [("created", new, 2)]
+
+
+def test_after_a_drift_refit_it_looks_again_for_a_group_still_arriving() -> None:
+    # quiet detectors: only the looks that follow the drift's refit can add the segment
+    model, ids = seeded([0.0, 4.0, 8.0], fit_drift_delta=1e-12, feature_drift_delta=1e-12)
+    rng, learned = random.Random(6), iter(range(10_000))
+
+    def learn(points: list[dict[str, float]]) -> None:
+        for x in points:
+            n = next(learned)
+            model.learn_one(f"v{n}", x, 1000 + n)
+
+    # the drift's refit comes while the newcomers are too few to count (1 %)
+    learn(groups(99, [0.0, 4.0, 8.0], rng) + groups(3, [16.0], rng))
+    model.lifecycle.clear()
+    model.adapt(2000)
+    assert len(model.segments) == 3 and model.lifecycle == []
+    version = model.version
+    # a look that finds nothing new leaves the segments as they are
+    learn(groups(100, [0.0, 4.0, 8.0], rng))
+    assert model.version == version and len(model.segments) == 3
+    # the newcomers keep arriving: the first look that sees them waits for a second one
+    learn(groups(75, [0.0, 4.0, 8.0, 16.0], rng))
+    assert model.version == version and len(model.segments) == 3
+    # which finds them again and makes them a segment; the old ids stay put
+    learn(groups(75, [0.0, 4.0, 8.0, 16.0], rng))
+    new = segments_of(model, [16.0])[16.0]
+    assert len(model.segments) == 4 and new not in ids.values()
+    assert segments_of(model, ids) == ids
+    assert [r.segment for r in model.lifecycle if r.event == "created"] == [new]
+    assert model.version == version + 1
 
 
 def test_converged_segments_merge_and_the_retired_id_is_never_reused() -> None:

@@ -17,6 +17,7 @@ from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
 from worker.generator import Shop, generate
 from worker.model import SegmentModel
+from worker.profiles import Profile
 from worker.replay import produce
 from worker.source import ensure_topics, kafka_client_config
 
@@ -177,7 +178,8 @@ def test_every_user_gets_a_segment_bad_input_goes_to_the_dlq_offsets_are_committ
         assert user is not None, user_id
         assert user.segment in segments
         assert user.segment_name  # the name when last assigned; seg:segment has the current
-        assert user.model_version == 1
+        # the version that assigned it (a detection in this short run may refit once)
+        assert 1 <= user.model_version <= running.worker.model.version
     assert sum(s.size for s in segments.values()) == len(shop.truth)
     members = set()
     for segment_id in segments:
@@ -337,7 +339,7 @@ def test_a_producer_retry_of_the_same_event_is_applied_once(
     orders = Counter(str(e["user_id"]) for e in shop.events if e["event_type"] == "purchase")
     keys = RedisKeys()
     for user_id, count in orders.items():
-        assert orjson.loads(redis_client.get(keys.profile(user_id)))["orders"] == count
+        assert Profile.decode(redis_client.get(keys.profile(user_id))).orders == count  # type: ignore[arg-type]
 
 
 def test_an_unreadable_published_model_is_replaced_not_a_crash(

@@ -380,10 +380,8 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         table.append(("ARI at the new persona's onset", f"{r['ari_at_onset']}", ""))
         table.append((after, f"{r['ari']}", "≥ 0.85"))
         changed = ", ".join(f"{i}: {m}" for i, m in r["changed_meaning"].items())
-        kept = r["ids_at_onset"] - len(r["changed_meaning"])
-        table.append(
-            ("ids that kept their persona", f"{kept}/{r['ids_at_onset']} {changed}", "all")
-        )
+        kept = f"{r['ids_compared'] - len(r['changed_meaning'])}/{r['ids_compared']} {changed}"
+        table.append(("ids that kept their main persona", kept.strip(), "all"))
     for name, drift in d["scheduled"].items():
         first = drift["first_detection"]
         new = drift["first_new_segment"]

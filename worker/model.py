@@ -19,7 +19,9 @@ The model of record is River: a `StandardScaler` learns the population online an
   and every refit keeps k), may change k: centres closer than `merge_distance` merge; a
   k+1 fit whose extra cluster holds at least `new_segment_share` of the reservoir, and
   `new_segment_growth` times what it held of the reservoir at the last refit, adds a
-  segment: a group that emerged, not a split of one that was there. New
+  segment: a group that emerged, not a split of one that was there. A drift's refit
+  that adds none is followed by `growth_looks` looks for such a group, which refit only
+  when two in a row find it (a new kind of shopper arrives over hours). New
   centres take the old ids by a minimum-total-distance matching (Hungarian, not
   nearest-first) against each id's anchor, its centre at the last refit (River's
   centres wander as they learn, and one dragged toward a new group must not hand its id
@@ -117,6 +119,8 @@ class SegmentModel:
         self.detectors = Detectors(settings)
         self.lifecycle: list[SegmentLifecycle] = []  # not yet published
         self._adapt_in: int | None = None  # learned profiles until a drift's refit
+        self._looks = 0  # follow-up looks for an emerging group left after a drift's refit
+        self._candidate: dict[str, float] | None = None  # the group the last look found
         self._since_refit = 0
         self._seeded_at = 0  # event time of the first seeding
 
@@ -149,10 +153,8 @@ class SegmentModel:
             self._adapt_in -= 1
         drifted = self._adapt_in == 0
         due = self._settings.adaptation and self._since_refit >= self._settings.refit_every
-        if drifted or due:
-            self.adapt(event_ts, grow=drifted)
-            return Learned(drifts=drifts, detail=detail, adapted=True)
-        return Learned(drifts=drifts, detail=detail)
+        adapted = (drifted or due) and self.adapt(event_ts, grow=drifted)
+        return Learned(drifts=drifts, detail=detail, adapted=adapted)
 
     def observe(self, event_type: str, price: float | None, event_ts: int) -> bool:
         """Watch one applied event's type and price (the `events` detector); True when it
@@ -271,9 +273,15 @@ class SegmentModel:
         self._bind({}, fit.cluster_centers_, event_ts)
         self.rename()
 
-    def adapt(self, event_ts: int, grow: bool = True) -> None:
+    def adapt(self, event_ts: int, grow: bool = True) -> bool:
         """Refit the centres on the reservoir (merge, add unless not `grow`, re-seed) and
-        carry the ids over."""
+        carry the ids over; False when it was a follow-up look that found nothing new.
+
+        A drift's refit that adds no segment is followed by `growth_looks` looks, every
+        `adapt_after` profiles, against the reservoir from before the drift: a new kind
+        of shopper arrives over hours, and may be too few to count at the first refit. A
+        look refits only when it finds the group the look before it found too."""
+        looking = grow and self._looks > 0
         points = self._standardized(list(self.reservoir.values()))
         previous = dict(self.segments)
         order = sorted(previous)
@@ -282,13 +290,24 @@ class SegmentModel:
         anchors = self._standardized([self.anchors[i] for i in order])
         old = dict(zip(order, anchors, strict=True))
         survivors = {i: c for i, c in old.items() if i not in merged}
-        fit = self._fit(points, len(survivors))
-        if grow and settled and len(survivors) < self._settings.max_clusters:
-            wider = self._fit(points, len(survivors) + 1)
-            if self._holds_new_segment(points, np.array(list(survivors.values())), wider):
-                fit = wider
+        can_grow = grow and settled and len(survivors) < self._settings.max_clusters
+        wider = self._fit(points, len(survivors) + 1) if can_grow else None
+        kept_centres = np.array(list(survivors.values()))
+        emerging = self._emerging(kept_centres, wider) if wider is not None else None
+        if looking:
+            persists = emerging is not None and self._persists(emerging)
+            self._candidate = None if emerging is None else self._original(emerging)
+            if not persists:
+                self._looks -= 1
+                self._adapt_in = self._settings.adapt_after if self._looks else None
+                return False
+        if emerging is None:
+            wider = None
+        fit = wider if wider is not None else self._fit(points, len(survivors))
+        follow_up = can_grow and wider is None and not looking
         self.version += 1
-        self.reference = list(self.reservoir.values())
+        if not follow_up:  # else the looks compare against the reservoir before the drift
+            self.reference = list(self.reservoir.values())
         kept = self._bind(survivors, fit.cluster_centers_, event_ts)
         for index, segment in previous.items():
             if index in kept:
@@ -302,7 +321,27 @@ class SegmentModel:
                 self.lifecycle.append(self._event("retired", event_ts, segment=segment.id))
         self.rename()
         self.detectors.segments_changed()
-        self._adapt_in, self._since_refit = None, 0
+        self._looks = self._settings.growth_looks if follow_up else 0
+        self._adapt_in = self._settings.adapt_after if self._looks else None
+        self._since_refit, self._candidate = 0, None
+        return True
+
+    def _persists(self, emerging: np.ndarray) -> bool:
+        """Whether the previous look found the same group (its centre within
+        `merge_distance`, both scaled as now: the newcomers move the scaler too): a group
+        still arriving is found look after look, where a chance split of k+1 k-means
+        lands somewhere else each time."""
+        if self._candidate is None:
+            return False
+        previous = self._standardized([self._candidate])[0]
+        return bool(np.linalg.norm(emerging - previous) < self._settings.merge_distance)
+
+    def _original(self, centre: np.ndarray) -> dict[str, float]:
+        """A standardized centre in original units."""
+        return {
+            name: self.scaler.means[name] + float(value) * math.sqrt(self.scaler.vars[name])
+            for name, value in zip(FEATURES, centre, strict=True)
+        }
 
     def _converged(self, old: dict[int, np.ndarray]) -> dict[int, int]:
         """Centres closer than `merge_distance` to an older one: {absorbed: into}."""
@@ -317,19 +356,20 @@ class SegmentModel:
                     break
         return merged
 
-    def _holds_new_segment(self, points: np.ndarray, old: np.ndarray, wider: BatchKMeans) -> bool:
-        """Whether the k+1 fit's cluster left unmatched by the old centres is a group that
-        emerged: it holds at least `new_segment_share` of the reservoir now, and
-        `new_segment_growth` times the share of the reservoir as it was at the last refit
-        that would have fallen in it. A split of an existing segment had its share before
-        too; a new kind of shopper did not."""
+    def _emerging(self, old: np.ndarray, wider: BatchKMeans) -> np.ndarray | None:
+        """The centre of the k+1 fit's cluster left unmatched by the old centres, if it is
+        a group that emerged: it holds at least `new_segment_share` of the reservoir now,
+        and `new_segment_growth` times the share of the reservoir as it was at the last
+        refit that would have fallen in it. A split of an existing segment had its share
+        before too; a new kind of shopper did not."""
         matched = match(old, wider.cluster_centers_)
         extra = next(j for j in range(len(wider.cluster_centers_)) if j not in matched)
         now = float(np.mean(wider.labels_ == extra))
         if now < self._settings.new_segment_share or now == 1.0:
-            return False
+            return None
         before = float(np.mean(wider.predict(self._standardized(self.reference)) == extra))
-        return now >= self._settings.new_segment_growth * before
+        centre: np.ndarray = wider.cluster_centers_[extra]
+        return centre if now >= self._settings.new_segment_growth * before else None
 
     def _bind(self, old: dict[int, np.ndarray], centres: np.ndarray, event_ts: int) -> set[int]:
         """Install `centres` as River's. Each takes the id of the `old` centre the
@@ -351,10 +391,7 @@ class SegmentModel:
                 self.lifecycle.append(
                     self._event("created", event_ts, segment=f"s{self._next_id - 1}")
                 )
-            self.anchors[index] = {
-                name: self.scaler.means[name] + float(value) * math.sqrt(self.scaler.vars[name])
-                for name, value in zip(FEATURES, centre, strict=True)
-            }
+            self.anchors[index] = self._original(centre)
             self.kmeans.centers[index] = defaultdict(
                 float, zip(FEATURES, map(float, centre), strict=True)
             )
@@ -414,6 +451,7 @@ class SegmentModel:
                 [round(x[name], 6) for name in FEATURES] for x in self.reservoir.values()
             ],
             "adapt_in": self._adapt_in,
+            "looks": self._looks,
             "since_refit": self._since_refit,
             "seeded_at": self._seeded_at,
             "psi": self.detectors.shares.psi,
@@ -449,6 +487,7 @@ class SegmentModel:
         model.revision = int(state["revision"])
         model._next_id = int(state["next_id"])
         model._adapt_in = state["adapt_in"]
+        model._looks = int(state.get("looks", 0))  # absent from checkpoints before the looks
         model._since_refit = int(state["since_refit"])
         model._seeded_at = int(state["seeded_at"])
         reservoir, model.reference = (
