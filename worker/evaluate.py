@@ -90,6 +90,7 @@ class Evaluation:
         segments, profiles = self._stored(settings)
         lifecycle = read_all(settings, settings.kafka.lifecycle_topic)
         changes = read_all(settings, settings.kafka.changes_topic)
+        times = np.array([event_ms(e) for e in shop.events])
         return {
             "scenario": {
                 "users": len(shop.truth),
@@ -100,8 +101,8 @@ class Evaluation:
             },
             "quality": quality(settings, shop.truth, segments, profiles),
             "stability": stability(shop, lifecycle, changes, settings.model.settle_days),
-            "recovery": recovery(shop, changes, segments),
-            "drift": drift_response(shop, lifecycle, settings.model.settle_days),
+            "recovery": recovery(shop, times, changes, segments),
+            "drift": drift_response(shop, times, lifecycle, settings.model.settle_days),
             "segments": composition(shop.truth, segments),
         }
 
@@ -193,18 +194,20 @@ def quality(
 
 
 def recovery(
-    shop: Shop, changes: list[dict[str, Any]], segments: dict[str, str]
+    shop: Shop, times: np.ndarray, changes: list[dict[str, Any]], segments: dict[str, str]
 ) -> dict[str, Any] | None:
     """How the segments answer the new persona, rebuilt from `segment-changes`: ARI against
     the personas at its onset and `RECOVERY_EVENTS` events later, and which ids existing at
     the onset (and still live at the end) stand for another persona at the end: their
-    members' main persona moved."""
+    members' main persona moved. `times`: the event time of each of the shop's events."""
     onset = shop.drifts.get("new_persona")
-    times = [event_ms(e) for e in shop.events]
-    after = int(np.searchsorted(times, onset)) + RECOVERY_EVENTS if onset else len(times)
-    if onset is None or after >= len(times):
+    if onset is None:
         return None
-    before, later = _segments_at(changes, onset), _segments_at(changes, times[after])
+    after = int(np.searchsorted(times, onset)) + RECOVERY_EVENTS
+    if after >= len(times):
+        return None
+    ordered = sorted(changes, key=lambda c: c["timestamp"])
+    before, later = _segments_at(ordered, onset), _segments_at(ordered, int(times[after]))
     then, now = composition(shop.truth, before), composition(shop.truth, segments)
     return {
         "events_after_onset": RECOVERY_EVENTS,
@@ -219,10 +222,10 @@ def recovery(
     }
 
 
-def _segments_at(changes: list[dict[str, Any]], at: int) -> dict[str, str]:
-    """Each user's segment as published up to event time `at`."""
+def _segments_at(ordered: list[dict[str, Any]], at: int) -> dict[str, str]:
+    """Each user's segment as published up to event time `at` (`ordered` by it)."""
     segment: dict[str, str] = {}
-    for change in sorted(changes, key=lambda c: c["timestamp"]):
+    for change in ordered:
         if change["timestamp"] > at:
             break
         if change["to"] is None:
@@ -285,11 +288,10 @@ def stability(
 
 
 def drift_response(
-    shop: Shop, lifecycle: list[dict[str, Any]], settle_days: float
+    shop: Shop, times: np.ndarray, lifecycle: list[dict[str, Any]], settle_days: float
 ) -> dict[str, Any]:
     """Per scheduled drift: delay to the first detection and the first new segment after
-    it; and false alarms on the stationary part."""
-    times = np.array([event_ms(e) for e in shop.events])
+    it; and false alarms on the stationary part. `times`: as for `recovery`."""
     seeded = _seeded_at(lifecycle) or 0
     detections = sorted(m["timestamp"] for m in lifecycle if m["event"] == "drift_detected")
     created = sorted(
