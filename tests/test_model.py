@@ -166,15 +166,15 @@ def groups(n: int, centres: list[float], rng: random.Random) -> list[dict[str, f
 
 def seeded(centres: list[float], **overrides: float) -> tuple[SegmentModel, dict[float, str]]:
     """A model seeded on well-separated groups, and the id each group got."""
-    settings = ModelSettings(
-        n_clusters=len(centres),
-        warmup_users=300,
-        reservoir_size=300,
-        adapt_after=300,
-        settle_days=0,
-        seed=1,
-        **overrides,  # type: ignore[arg-type]
-    )
+    defaults = {
+        "n_clusters": len(centres),
+        "warmup_users": 300,
+        "reservoir_size": 300,
+        "adapt_after": 300,
+        "settle_days": 0,
+        "seed": 1,
+    }
+    settings = ModelSettings(**(defaults | overrides))  # type: ignore[arg-type]
     model = SegmentModel(settings)
     for i, x in enumerate(groups(300 // len(centres), centres, random.Random(1))):
         model.learn_one(f"u{i}", x, i)
@@ -195,6 +195,19 @@ def test_refit_keeps_every_id_on_its_group() -> None:
     assert model.version == 2
     assert segments_of(model, ids) == ids
     assert model.lifecycle == []  # nothing created, retired or merged
+
+
+def test_refits_refine_the_partition_instead_of_redrawing_it() -> None:
+    """Two segments over three equal groups: either pairing of the middle group is a local
+    optimum. Refits on fresh draws must leave each group with the id it had (a k-means++
+    redraw picks either pairing from one draw to the next, moving a third of the users)."""
+    model, ids = seeded([0.0, 4.0, 8.0], n_clusters=2, refit_every=10**9)
+    assert len(set(ids.values())) == 2
+    for refit in range(12):
+        for i, x in enumerate(groups(100, [0.0, 4.0, 8.0], random.Random(10 + refit))):
+            model.learn_one(f"r{refit}-{i}", x, 1000 * (refit + 1) + i)
+        model.adapt(1000 * (refit + 1) + 999, grow=False)
+        assert segments_of(model, ids) == ids, f"refit {refit} moved a group"
 
 
 def test_a_persistent_far_group_becomes_a_new_segment() -> None:

@@ -13,10 +13,14 @@ The model of record is River: a `StandardScaler` learns the population online an
 * Adaptation. The model keeps a reservoir of the latest profile of each of the last
   `reservoir_size` users it learned from. When a detector (`drift.py`) fires, it waits
   for `adapt_after` more profiles, then refits the centres on the reservoir; every
-  `refit_every` profiles it re-seeds them too (same k), so River's wandering centres
-  are re-anchored. A refit after a detection, once `settle_days` of event time have
-  passed since seeding (before, a cold-started population's profiles are still growing
-  and every refit keeps k), may change k: centres closer than `merge_distance` merge; a
+  `refit_every` profiles it refits them too (same k), so River's wandering centres
+  are re-anchored. A refit runs Lloyd's iterations from each id's anchor (and from an
+  emerging group's centre), not a fresh k-means++ draw: each centre moves to the data
+  around what its id meant, where a redraw lands in another local optimum each time,
+  moving users between segments that did not change and handing ids to other groups.
+  A refit after a detection, once `settle_days` of event time have passed since
+  seeding (before, a cold-started population's profiles are still growing and every
+  refit keeps k), may change k: centres closer than `merge_distance` merge; a
   k+1 fit whose extra cluster holds at least `new_segment_share` of the reservoir, and
   `new_segment_growth` times what it held of the reservoir at the last refit, adds a
   segment: a group that emerged, not a split of one that was there. A drift's refit
@@ -264,6 +268,13 @@ class SegmentModel:
             n_clusters=k, init="k-means++", n_init=4, random_state=self._settings.seed
         ).fit(points)
 
+    def _refine(self, points: np.ndarray, start: np.ndarray) -> BatchKMeans:
+        """Lloyd's iterations on `points` from the centres `start`: a refit that moves each
+        centre to the data around it. Redrawn from scratch (k-means++), a refit lands in
+        another local optimum each time and moves users between segments that did not
+        change."""
+        return BatchKMeans(n_clusters=len(start), init=start, n_init=1).fit(points)
+
     def _seed(self, event_ts: int) -> None:
         fit = self._fit(
             self._standardized(list(self.reservoir.values())), self._settings.n_clusters
@@ -301,10 +312,9 @@ class SegmentModel:
                 self._looks -= 1
                 self._adapt_in = self._settings.adapt_after if self._looks else None
                 return False
-        if emerging is None:
-            wider = None
-        fit = wider if wider is not None else self._fit(points, len(survivors))
-        follow_up = can_grow and wider is None and not looking
+        start = [*survivors.values(), *([emerging] if emerging is not None else [])]
+        fit = self._refine(points, np.array(start))
+        follow_up = can_grow and emerging is None and not looking
         self.version += 1
         if not follow_up:  # else the looks compare against the reservoir before the drift
             self.reference = list(self.reservoir.values())
