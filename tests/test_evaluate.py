@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 
 from config.settings import ModelSettings, Settings
-from worker.evaluate import Evaluation, rows
+from worker.evaluate import Evaluation, rows, stability
+from worker.generator import Shop
+from worker.profiles import DAY_MS
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 def test_evaluate_scores_segments_stability_and_drift_response(settings: Settings) -> None:
     production_model = settings.model_copy(update={"model": ModelSettings()})
     figures = Evaluation(production_model, users=1500, events=150_000, seed=3).run()
@@ -47,3 +48,27 @@ def test_evaluate_scores_segments_stability_and_drift_response(settings: Setting
     assert table["ids nearest the same persona 10,000 events after the new persona"].startswith(
         f"{kept}/"
     )
+
+
+def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
+    """From seeding + settle days to the first drift: a→b→a is two moves, one back;
+    first segments and moves outside the part are not moves."""
+    shop = Shop(events=[{"timestamp": 50 * DAY_MS}], drifts={"sale": 40 * DAY_MS})
+    lifecycle = [{"event": "created", "timestamp": 0}]
+
+    def move(user: str, day: float, from_: str | None, to: str) -> dict[str, object]:
+        return {"user_id": user, "from": from_, "to": to, "timestamp": int(day * DAY_MS)}
+
+    changes = [
+        move("u1", 1, None, "s1"),
+        move("u2", 1, None, "s2"),
+        move("u1", 5, "s1", "s2"),  # before the part (settling)
+        move("u1", 25, "s2", "s1"),
+        move("u1", 30, "s1", "s2"),  # back to what its last move left
+        move("u2", 31, "s2", "s3"),
+        move("u2", 45, "s3", "s2"),  # after the drift
+    ]
+    figures = stability(shop, lifecycle, changes, settle_days=20)
+    assert figures["days"] == 20
+    assert (figures["moves"], figures["users_moved"], figures["moves_back"]) == (3, 2, 1)
+    assert figures["changes_per_user_per_day"] == round(3 / 2 / 20, 5)

@@ -323,23 +323,32 @@ def stability(
     changes: list[dict[str, Any]],
     settle_days: float,
 ) -> dict[str, Any]:
-    """Share of segmented users changing segment per day on the stationary part."""
+    """Share of segmented users changing segment per day on the stationary part; how many
+    users moved, and how many moves went back to the segment the user's previous move
+    left (flapping)."""
     part = stationary_part(shop, lifecycle, settle_days)
     if part is None:
         return {"changes_per_user_per_day": None, "days": 0.0}
     start, end = part
     first_segment: dict[str, int] = {}
-    moves = 0
-    for change in changes:
+    left: dict[str, str] = {}  # per user, the segment their last move left
+    moves = returns = 0
+    for change in sorted(changes, key=lambda c: c["timestamp"]):
+        user = change["user_id"]
         if change["from"] is None:
-            first_segment.setdefault(change["user_id"], change["timestamp"])
+            first_segment.setdefault(user, change["timestamp"])
         elif change["to"] is not None and start <= change["timestamp"] < end:
             moves += 1
+            if left.get(user) == change["to"]:
+                returns += 1
+            left[user] = change["from"]
     days = (end - start) / DAY_MS
     segmented = sum(1 for at in first_segment.values() if at < end)
     return {
         "changes_per_user_per_day": round(moves / max(segmented, 1) / days, 5),
         "moves": moves,
+        "users_moved": len(left),
+        "moves_back": returns,
         "users": segmented,
         "days": round(days, 2),
     }
@@ -433,6 +442,11 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("segments (live)", f"{q['segments']}", ""),
         ("changed segment per user per day", f"{s['changes_per_user_per_day']}", "≤ 0.01"),
+        (
+            "moves, users moved, moves back (stationary part)",
+            f"{s.get('moves')}, {s.get('users_moved')}, {s.get('moves_back')}",
+            "",
+        ),
         ("false alarms per 100k stationary events", f"{d['false_alarms_per_100k']}", "≤ 1"),
     ]
     if r := figures["recovery"]:
