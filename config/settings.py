@@ -132,7 +132,7 @@ class ModelSettings(_Section):
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
     # membership: a user moves only when another centre is this much closer (relative)
-    switch_margin: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    switch_margin: Annotated[float, Field(ge=0, lt=1)] = 0.9
     # drift: the detectors' false-alarm bounds and the segment-share (PSI) check
     fit_drift_delta: Share = 0.002
     feature_drift_delta: Share = 1e-5
