@@ -133,6 +133,7 @@ class ModelSettings(_Section):
     checkpoint_interval_s: PositiveFloat = 30.0
     # membership: a user moves only when another centre is this much closer (relative)
     switch_margin: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    adopt_days: Annotated[float, Field(ge=0)] = 7.0  # an added segment takes users marginless
     # drift: the detectors' false-alarm bounds and the segment-share (PSI) check
     fit_drift_delta: Share = 0.002
     feature_drift_delta: Share = 1e-5
@@ -152,6 +153,7 @@ class ModelSettings(_Section):
     new_segment_growth: Annotated[float, Field(gt=1)] = 3.0
     growth_looks: Annotated[int, Field(ge=0)] = 8  # after a drift's refit that added none
     merge_distance: PositiveFloat = 0.75
+    redraw_gain: Share = 0.1  # a refit starts over only when that fits this much better
 
     @model_validator(mode="after")
     def _bounds(self) -> ModelSettings:

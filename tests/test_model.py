@@ -18,7 +18,7 @@ from worker.drift import Detectors, ShareShift, psi
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
 from worker.model import SegmentModel, describe, match
-from worker.profiles import Position, Profile, ProfileUpdater
+from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 
 SETTINGS = ModelSettings(n_clusters=6, warmup_users=200, seed=1)
 
@@ -210,6 +210,25 @@ def test_refits_refine_the_partition_instead_of_redrawing_it() -> None:
         assert segments_of(model, ids) == ids, f"refit {refit} moved a group"
 
 
+def test_a_refit_redraws_centres_stuck_in_a_poor_optimum() -> None:
+    """Seeded on groups at -0.3, 0.3 and 12, the shop moves to 0, 8 and 16: refined, two
+    centres would split the group at 0 and one would straddle 8 and 16 (Lloyd's stays
+    there); k-means++ from scratch fits far better, so a drift's refit takes it. A
+    periodic refit of the settled shop only refines."""
+
+    def moved() -> SegmentModel:
+        model, _ = seeded([-0.3, 0.3, 12.0], merge_distance=1e-6, max_clusters=3)
+        for i, x in enumerate(groups(100, [0.0, 8.0, 16.0], random.Random(4))):
+            model.learn_one(f"v{i}", x, 1000 + i)
+        return model
+
+    periodic, drifted = moved(), moved()
+    periodic.adapt(2000, grow=False)
+    assert len(set(segments_of(periodic, [0.0, 8.0, 16.0]).values())) == 2
+    drifted.adapt(2000)  # a drift's refit (max_clusters keeps it from adding a segment)
+    assert len(set(segments_of(drifted, [0.0, 8.0, 16.0]).values())) == 3
+
+
 def test_a_persistent_far_group_becomes_a_new_segment() -> None:
     model, ids = seeded([0.0, 4.0, 8.0])
     for i, x in enumerate(groups(75, [0.0, 4.0, 8.0, 16.0], random.Random(3))):
@@ -287,6 +306,27 @@ def test_membership_has_hysteresis() -> None:
     assert model.assign(dict.fromkeys(FEATURES, 3.5), current=a).segment == b
     # a segment that no longer exists holds nobody
     assert model.assign(midpoint, current="s999").segment == nearest
+
+
+def test_a_segment_adaptation_added_takes_users_without_the_margin_for_adopt_days() -> None:
+    model, ids = seeded([0.0, 8.0])
+    for i, x in enumerate(groups(100, [0.0, 8.0, 16.0], random.Random(3))):
+        model.learn_one(f"v{i}", x, 1000 + i)
+    model.adapt(2000)
+    added = segments_of(model, [16.0])[16.0]
+    assert added not in ids.values()
+    created = next(s.created_at for s in model.segments.values() if s.id == added)
+    # nearer the added segment, but not by the margin: placed before it existed, the user
+    # joins it while it is new, and stays put once it is not
+    x = dict.fromkeys(FEATURES, 12.5)
+    assert model.assign(x, current=ids[8.0]).segment == ids[8.0]  # no event time: margin
+    assert model.assign(x, current=ids[8.0], at=created + 1).segment == added
+    late = created + int(7 * DAY_MS)
+    assert model.assign(x, current=ids[8.0], at=late).segment == ids[8.0]
+    # the seeded segments never count as added: between them the margin always holds
+    midpoint = dict.fromkeys(FEATURES, 4.0)
+    other = next(i for i in ids.values() if i != model.assign(midpoint).segment)
+    assert model.assign(midpoint, current=other, at=created + 1).segment == other
 
 
 def test_incompatible_checkpoint_is_refused(model_and_profiles) -> None:  # type: ignore[no-untyped-def]

@@ -237,8 +237,11 @@ class Worker:
             else:  # another worker's user: do not keep a copy that will go stale
                 self.cache.discard([user_id])
         if mine:
+            profiles = list(mine.values())
             assignments = self.model.assign_many(
-                [self.features(p) for p in mine.values()], [p.segment for p in mine.values()]
+                [self.features(p) for p in profiles],
+                [p.segment for p in profiles],
+                [p.last_ts for p in profiles],
             )
             for user_id, assignment in zip(mine, assignments, strict=True):
                 self._assign(batch, user_id, assignment)
@@ -369,8 +372,10 @@ class Worker:
         if not self.model.ready:
             batch.pending.update(features)
             return
-        current = [batch.profiles[uid].segment for uid in features]
-        assignments = self.model.assign_many(list(features.values()), current)
+        profiles = [batch.profiles[uid] for uid in features]
+        assignments = self.model.assign_many(
+            list(features.values()), [p.segment for p in profiles], [p.last_ts for p in profiles]
+        )
         for uid, assignment in zip(features, assignments, strict=True):
             self._assign(batch, uid, assignment)
 

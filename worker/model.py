@@ -18,6 +18,10 @@ The model of record is River: a `StandardScaler` learns the population online an
   emerging group's centre), not a fresh k-means++ draw: each centre moves to the data
   around what its id meant, where a redraw lands in another local optimum each time,
   moving users between segments that did not change and handing ids to other groups.
+  Only a redraw that fits the reservoir `redraw_gain` better (k-means inertia) replaces
+  the refined centres, and only in a drift's refit or while the cold-started shop
+  settles (its first centres were seeded on young profiles and may sit in a poor
+  optimum): a periodic refit of a settled, stationary shop only refines.
   A refit after a detection, once `settle_days` of event time have passed since
   seeding (before, a cold-started population's profiles are still growing and every
   refit keeps k), may change k: centres closer than `merge_distance` merge; a
@@ -32,7 +36,8 @@ The model of record is River: a `StandardScaler` learns the population online an
   to that group); the k+1 fit's extra cluster gets a new id, and an id left without a
   match is retired, never reused.
 * Membership. `assign_many` keeps a user in their current segment unless another centre
-  is closer by more than `switch_margin` (relative), so boundary users do not flap.
+  is closer by more than `switch_margin` (relative), so boundary users do not flap; a
+  segment adaptation added takes users without that margin for `adopt_days`.
 
 Learning and assigning are separate calls so that one worker can train while every
 worker assigns with the same published snapshot (see `worker/coordination.py`).
@@ -184,15 +189,23 @@ class SegmentModel:
         """Drop a deleted user's profile from the reservoir."""
         self.reservoir.pop(user_id, None)
 
-    def assign(self, x: dict[str, float], current: str | None = None) -> Assignment:
+    def assign(
+        self, x: dict[str, float], current: str | None = None, at: int | None = None
+    ) -> Assignment:
         """The segment for a profile, without learning from it."""
-        return self.assign_many([x], [current])[0]
+        return self.assign_many([x], [current], None if at is None else [at])[0]
 
     def assign_many(
-        self, xs: Sequence[dict[str, float]], current: Sequence[str | None] | None = None
+        self,
+        xs: Sequence[dict[str, float]],
+        current: Sequence[str | None] | None = None,
+        at: Sequence[int] | None = None,
     ) -> list[Assignment]:
         """The segment of each profile, in one vectorized pass: the nearest one, unless
-        the user's `current` segment is within `switch_margin` of it."""
+        the user's `current` segment is within `switch_margin` of it. A segment adaptation
+        added less than `adopt_days` before the profile's event time (`at`) takes the user
+        without the margin: the shoppers it was made for had been placed elsewhere before
+        it existed. Leaving it needs the margin, so this cannot flap."""
         distances = self._distances(xs)
         segments = [self.segments[index] for index in sorted(self.segments)]
         nearest = distances.argmin(axis=1)
@@ -201,13 +214,21 @@ class SegmentModel:
             keep = 1 + self._settings.switch_margin
             for row, segment in enumerate(current):
                 stay = column.get(segment) if segment is not None else None
-                best = distances[row, nearest[row]]
-                if stay is not None and distances[row, stay] <= best * keep:
+                if stay is None or (
+                    at is not None and self._adopting(segments[nearest[row]], at[row])
+                ):
+                    continue
+                if distances[row, stay] <= distances[row, nearest[row]] * keep:
                     nearest[row] = stay
         return [
             Assignment(segments[i].id, segments[i].name, float(row[i]))
             for row, i in zip(distances, nearest, strict=True)
         ]
+
+    def _adopting(self, segment: Segment, at: int) -> bool:
+        """Whether a segment is one adaptation added (not seeded) under `adopt_days` ago."""
+        added = segment.created_at > self._seeded_at
+        return added and at - segment.created_at < self._settings.adopt_days * DAY_MS
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
         """Distance (standardized units) from a profile to every segment's centre."""
@@ -272,7 +293,7 @@ class SegmentModel:
         """Lloyd's iterations on `points` from the centres `start`: a refit that moves each
         centre to the data around it. Redrawn from scratch (k-means++), a refit lands in
         another local optimum each time and moves users between segments that did not
-        change."""
+        change; so a redraw replaces it only when it fits clearly better (`redraw_gain`)."""
         return BatchKMeans(n_clusters=len(start), init=start, n_init=1).fit(points)
 
     def _seed(self, event_ts: int) -> None:
@@ -314,6 +335,10 @@ class SegmentModel:
                 return False
         start = [*survivors.values(), *([emerging] if emerging is not None else [])]
         fit = self._refine(points, np.array(start))
+        if grow or not settled:  # a drift's refit, or a cold start's profiles maturing
+            redrawn = self._fit(points, len(start))
+            if redrawn.inertia_ < (1 - self._settings.redraw_gain) * fit.inertia_:
+                fit = redrawn  # the centres sat in a poor local optimum (a split, a blend)
         follow_up = can_grow and emerging is None and not looking
         self.version += 1
         if not follow_up:  # else the looks compare against the reservoir before the drift
