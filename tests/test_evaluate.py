@@ -42,6 +42,10 @@ def test_evaluate_scores_segments_stability_and_drift_response(settings: Setting
     recovery = figures["recovery"]
     assert recovery["events_after_onset"] == 10_000 and recovery["ari"] >= 0.4, recovery
     assert recovery["ids_compared"] >= 5  # the seeded ids live through the new persona
+    ends = recovery["nearest_persona"]["end"]
+    assert recovery["added"] == {
+        i: ends[i] for i in ends if i not in recovery["nearest_persona"]["onset"]
+    }
     table = dict((figure, measured) for figure, measured, _ in rows(figures))
     assert table["ARI streaming vs personas"] == str(quality["ari_streaming"])
     assert table["ARI 10,000 events after the new persona"].startswith(f"{recovery['ari']} (")

@@ -243,8 +243,9 @@ def recovery(
 ) -> dict[str, Any] | None:
     """How the segments answer the new persona, from Redis at its onset and
     `RECOVERY_EVENTS` later: ARI against the personas of the stored segments and of batch
-    k-means on the same profiles (same k), and the ids live at the onset whose centroid
-    is nearest to another persona later (then, and at the end): ids that changed meaning."""
+    k-means on the same profiles (same k), the ids live at the onset whose centroid is
+    nearest to another persona later (then, and at the end): ids that changed meaning;
+    and the persona nearest each id added since the onset."""
     if len(snapshots) < 2:
         return None
     onset, after = snapshots
@@ -262,6 +263,8 @@ def recovery(
         "changed_meaning": _changed(then, soon),
         "ids_compared_by_end": len(then.keys() & last.keys()),
         "changed_meaning_by_end": _changed(then, last),
+        # which persona the ids made since the onset stand for: is one the new persona's?
+        "added": {i: last[i] for i in sorted(last.keys() - then.keys(), key=lambda i: int(i[1:]))},
     }
 
 
@@ -460,6 +463,8 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             moved = ", ".join(f"{i}: {m}" for i, m in changed.items())
             kept = f"{compared - len(changed)}/{compared} {moved}".strip()
             table.append((f"ids nearest the same persona {window}", kept, "all"))
+        added = ", ".join(f"{i}: {persona}" for i, persona in r["added"].items())
+        table.append(("ids added since the onset, nearest persona at the end", added, ""))
     for name, drift in d["scheduled"].items():
         first = drift["first_detection"]
         new = drift["first_new_segment"]
