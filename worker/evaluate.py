@@ -264,7 +264,7 @@ def recovery(
         "ids_compared_by_end": len(then.keys() & last.keys()),
         "changed_meaning_by_end": _changed(then, last),
         # which persona the ids made since the onset stand for: is one the new persona's?
-        "added": {i: last[i] for i in sorted(last.keys() - then.keys(), key=lambda i: int(i[1:]))},
+        "added": {i: last[i] for i in sorted(last.keys() - then.keys(), key=_id_order)},
     }
 
 
@@ -291,9 +291,14 @@ def nearest_personas(settings: Settings, truth: dict[str, str], at: Snapshot) ->
 def _changed(then: dict[str, str], now: dict[str, str]) -> dict[str, str]:
     return {
         id_: f"{then[id_]} -> {now[id_]}"
-        for id_ in sorted(then.keys() & now.keys(), key=lambda i: int(i[1:]))
+        for id_ in sorted(then.keys() & now.keys(), key=_id_order)
         if now[id_] != then[id_]
     }
+
+
+def _id_order(segment_id: str) -> int:
+    """Segment ids by number: s2 before s10."""
+    return int(segment_id[1:])
 
 
 def _ari(truth: dict[str, str], segments: dict[str, str]) -> float:
@@ -419,7 +424,8 @@ def composition(truth: dict[str, str], segments: dict[str, str]) -> dict[str, di
     for user, segment in segments.items():
         members[segment][truth[user]] += 1
     result = {}
-    for segment, personas in sorted(members.items(), key=lambda kv: int(kv[0][1:])):
+    for segment in sorted(members, key=_id_order):
+        personas = members[segment]
         persona, n = personas.most_common(1)[0]
         result[segment] = {
             "users": personas.total(),

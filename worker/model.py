@@ -211,24 +211,32 @@ class SegmentModel:
         nearest = distances.argmin(axis=1)
         if current is not None:
             column = {seg.id: i for i, seg in enumerate(segments)}
-            keep = 1 + self._settings.switch_margin
-            for row, segment in enumerate(current):
-                stay = column.get(segment) if segment is not None else None
-                if stay is None or (
-                    at is not None and self._adopting(segments[nearest[row]], at[row])
-                ):
-                    continue
-                if distances[row, stay] <= distances[row, nearest[row]] * keep:
-                    nearest[row] = stay
+            stay = np.array(
+                [column.get(s, -1) if s is not None else -1 for s in current], dtype=int
+            )
+            rows = np.arange(len(nearest))
+            best = distances[rows, nearest]
+            keep = (stay >= 0) & (
+                distances[rows, np.maximum(stay, 0)] <= best * (1 + self._settings.switch_margin)
+            )
+            if at is not None:  # not when the nearest is a segment still adopting users
+                keep &= np.asarray(at) >= self._adopting_until(segments)[nearest]
+            nearest = np.where(keep, stay, nearest)
         return [
             Assignment(segments[i].id, segments[i].name, float(row[i]))
             for row, i in zip(distances, nearest, strict=True)
         ]
 
-    def _adopting(self, segment: Segment, at: int) -> bool:
-        """Whether a segment is one adaptation added (not seeded) under `adopt_days` ago."""
-        added = segment.created_at > self._seeded_at
-        return added and at - segment.created_at < self._settings.adopt_days * DAY_MS
+    def _adopting_until(self, segments: list[Segment]) -> np.ndarray:
+        """Per segment, the event time until which it takes users without the margin:
+        `adopt_days` after adaptation added it; never for a seeded one."""
+        window = self._settings.adopt_days * DAY_MS
+        return np.array(
+            [
+                s.created_at + window if s.created_at > self._seeded_at else -math.inf
+                for s in segments
+            ]
+        )
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
         """Distance (standardized units) from a profile to every segment's centre."""
