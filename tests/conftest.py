@@ -151,7 +151,7 @@ def profiles(client: redis.Redis, prefix: str, users: set[str]) -> dict[str, dic
     for user in users:
         blob = client.get(keys.profile(user))
         if blob is not None:
-            profile = asdict(Profile.decode(blob))
+            profile = asdict(Profile.decode(user, blob))
             del profile["segment"]  # the model's answer, not the profile's data
             found[user] = profile
     return found

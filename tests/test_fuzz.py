@@ -110,7 +110,7 @@ def test_the_whole_per_event_path_never_crashes(event: dict[str, object], cut: i
         if isinstance(result.event, ClickEvent | PurchaseEvent):
             profile = Profile(result.event.user_id)
             updater.apply(profile, result.event, POS)
-            assert Profile.decode(profile.encode()) == profile
+            assert Profile.decode(profile.user_id, profile.encode()) == profile
             assert all(math.isfinite(v) for v in extract(profile).values())
 
 

@@ -339,7 +339,7 @@ def test_a_producer_retry_of_the_same_event_is_applied_once(
     orders = Counter(str(e["user_id"]) for e in shop.events if e["event_type"] == "purchase")
     keys = RedisKeys()
     for user_id, count in orders.items():
-        assert Profile.decode(redis_client.get(keys.profile(user_id))).orders == count  # type: ignore[arg-type]
+        assert Profile.decode(user_id, redis_client.get(keys.profile(user_id))).orders == count  # type: ignore[arg-type]
 
 
 def test_an_unreadable_published_model_is_replaced_not_a_crash(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 
+import msgpack
 import orjson
 import pytest
 
@@ -128,14 +130,35 @@ def test_fence_knows_what_was_applied() -> None:
     assert not profile.applied(Position("other", 0, 0))
 
 
-def test_encode_decode_round_trip_and_profiles_stored_as_json_still_load() -> None:
+def test_encode_decode_round_trip_and_profiles_of_earlier_releases_still_load() -> None:
     events = [click(T0 + i * 3_600_000, price=10.0 + i / 3, category="books") for i in range(9)]
     profile = fold([*events, purchase(T0 + 40_000_000, 20.0)])
     blob = profile.encode()
-    assert Profile.decode(blob) == profile
-    as_json = orjson.dumps(profile)  # what earlier releases stored
-    assert Profile.decode(as_json) == Profile.decode(as_json.decode()) == profile
-    assert len(blob) <= 0.6 * len(as_json)  # the point of the binary form: Redis memory
+    assert Profile.decode("u", blob) == profile
+    # what earlier releases stored: every field, digests as integers, in JSON and then msgpack
+    digests = {t: [int.from_bytes(d) for d in ids] for t, ids in profile.recent_ids.items()}
+    fields = {**asdict(profile), "recent_ids": digests}
+    as_json, as_fields = orjson.dumps(fields), msgpack.packb(list(fields.values()))
+    for earlier in (as_json, as_json.decode(), as_fields):
+        assert Profile.decode("u", earlier) == profile
+    # the point of the fixed layout: Redis memory
+    assert len(blob) <= 0.85 * len(as_fields) <= 0.5 * len(as_json)
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        Profile("empty"),
+        Profile("purchases-only", fence={"p": [3, 9]}, orders=1, last_purchase_ts=T0, last_ts=T0),
+        Profile("digests-without-fence", recent_ids={"t": []}, counts={"search": 0.0}),
+        Profile("out-of-order", first_ts=T0, last_ts=T0 - 5, last_click_ts=T0 + 5),
+    ],
+    ids=lambda p: p.user_id,
+)
+def test_the_stored_layout_keeps_every_edge_of_a_profile(profile: Profile) -> None:
+    """Absent and zero are different (a count that decayed to 0.0 is still there), and no
+    timestamp order is assumed."""
+    assert Profile.decode(profile.user_id, profile.encode()) == profile
 
 
 def test_features_are_finite_and_bounded() -> None:

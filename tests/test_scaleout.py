@@ -93,7 +93,7 @@ def test_three_workers_one_killed_share_one_model_and_lose_nothing(
     extract, keys = FeatureExtractor(ProfileSettings()), RedisKeys("seg")
     disagreeing = []
     for user in users:
-        profile = Profile.decode(redis_client.get(keys.profile(user)))  # type: ignore[arg-type]
+        profile = Profile.decode(user, redis_client.get(keys.profile(user)))  # type: ignore[arg-type]
         stored = (redis_client.hget(keys.user(user), "segment") or b"").decode()
         # where that revision's rule (nearest, or staying within the switch margin) keeps them
         if model.assign(extract(profile), current=stored).segment != stored:

@@ -237,7 +237,7 @@ def explain(user_id: str, config: ConfigOption = None) -> None:
     except (ValueError, KeyError, TypeError) as exc:
         errors.print(f"the published model cannot be read with these settings: {exc}")
         raise typer.Exit(1) from None
-    profile = Profile.decode(blob)
+    profile = Profile.decode(user_id, blob)
     assignment, distances, pulls = model.explain(FeatureExtractor(settings.profile)(profile))
     by_id = {s.id: s for s in model.segments.values()}
     console.print(

@@ -26,10 +26,16 @@ import msgpack
 import orjson
 
 from config.settings import ProfileSettings
-from schemas.events import ClickEvent, PurchaseEvent
+from schemas.events import CLICK_TYPES, ClickEvent, PurchaseEvent
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
+# The stored layout's version: the first element of `Profile.encode`'s array (the layout
+# before it began with the user id, a string), and the order of its event-type counts,
+# which only ever grows at the end.
+STORED = 2
+COUNTED = (*CLICK_TYPES, "purchase")
+DIGEST_BYTES = 8
 
 
 class Position(NamedTuple):
@@ -58,7 +64,7 @@ class Profile:
     categories: dict[str, float] = field(default_factory=dict)
     segment: str | None = None
     last_click_ts: int = 0
-    recent_ids: dict[str, list[int]] = field(default_factory=dict)
+    recent_ids: dict[str, list[bytes]] = field(default_factory=dict)
 
     def applied(self, position: Position) -> bool:
         """Whether the event at this position is already folded into the profile."""
@@ -85,24 +91,108 @@ class Profile:
         return sorted(self.categories.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
     def encode(self) -> bytes:
-        """The fields in declaration order as a msgpack array: no field names, numbers in
-        binary (floats stay 64-bit, so a stored profile is bit-for-bit the live one); about
-        half the size of the same profile in JSON. A new field goes last, with a default,
-        so profiles stored before it still decode."""
-        blob: bytes = msgpack.packb([getattr(self, name) for name in self.__slots__])
+        """The profile as stored in Redis: a msgpack array in a fixed layout (`STORED`).
+
+        Most of what Redis keeps per user is this blob, so it carries no field names, no
+        user id (the key has it), event-type counts by position, the other timestamps as
+        offsets back from the clock, whole floats as ints, and each topic's fence and
+        recent event digests together (digests as raw bytes). Other floats stay 64-bit, so
+        a decoded profile is bit-for-bit the live one and a replay can be checked byte
+        for byte."""
+        clock = self.last_ts
+        topics = [*self.fence, *(topic for topic in self.recent_ids if topic not in self.fence)]
+        blob: bytes = msgpack.packb(
+            [
+                STORED,
+                clock,
+                clock - self.first_ts,
+                None if not self.last_click_ts else clock - self.last_click_ts,
+                None if self.last_purchase_ts is None else clock - self.last_purchase_ts,
+                [_compact(self.counts.get(name)) for name in COUNTED],
+                [
+                    _compact(self.sessions),
+                    self.orders,
+                    _compact(self.monetary),
+                    _compact(self.spend),
+                    _compact(self.price_sum),
+                    _compact(self.price_weight),
+                ],
+                {name: _compact(weight) for name, weight in self.categories.items()},
+                self.session_id,
+                self.segment,
+                {
+                    topic: [
+                        *self.fence.get(topic, (None, None)),
+                        _pack_digests(self.recent_ids.get(topic)),
+                    ]
+                    for topic in topics
+                },
+            ]
+        )
         return blob
 
     @classmethod
-    def decode(cls, blob: bytes | str) -> Profile:
-        """A profile from `encode`, or from the JSON object that earlier releases stored."""
+    def decode(cls, user_id: str, blob: bytes | str) -> Profile:
+        """A profile from `encode`, or from what earlier releases stored: a msgpack array
+        of every field in declaration order, or before that a JSON object."""
         if isinstance(blob, str) or blob[:1] == b"{":
-            return cls(**orjson.loads(blob))
-        return cls(*msgpack.unpackb(blob))
+            return cls._with_int_digests(cls(**orjson.loads(blob)))
+        fields = msgpack.unpackb(blob)
+        if fields[0] != STORED:
+            return cls._with_int_digests(cls(*fields))
+        _, clock, first, click, purchase, counts, sums, categories, session, segment, topics = (
+            fields
+        )
+        sessions, orders, monetary, spend, price_sum, price_weight = sums
+        return cls(
+            user_id=user_id,
+            fence={t: [p, o] for t, (p, o, _) in topics.items() if p is not None},
+            first_ts=clock - first,
+            last_ts=clock,
+            counts={
+                name: float(n) for name, n in zip(COUNTED, counts, strict=False) if n is not None
+            },
+            sessions=float(sessions),
+            session_id=session,
+            orders=orders,
+            monetary=float(monetary),
+            spend=float(spend),
+            last_purchase_ts=None if purchase is None else clock - purchase,
+            price_sum=float(price_sum),
+            price_weight=float(price_weight),
+            categories={name: float(weight) for name, weight in categories.items()},
+            segment=segment,
+            last_click_ts=0 if click is None else clock - click,
+            recent_ids={t: _unpack_digests(d) for t, (_, _, d) in topics.items() if d is not None},
+        )
+
+    @staticmethod
+    def _with_int_digests(profile: Profile) -> Profile:
+        """Earlier releases kept the event digests as integers."""
+        ints: dict[str, list[int]] = profile.recent_ids  # type: ignore[assignment]
+        profile.recent_ids = {t: [d.to_bytes(8, "big") for d in ids] for t, ids in ints.items()}
+        return profile
 
 
-def event_digest(event_id: str) -> int:
+def _compact(value: float | None) -> float | int | None:
+    """A whole float as an int (msgpack stores 0 or 1 in one byte, not nine); `float` on
+    the way back restores exactly the same value."""
+    if value is not None and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def _pack_digests(digests: list[bytes] | None) -> bytes | None:
+    return None if digests is None else b"".join(digests)
+
+
+def _unpack_digests(packed: bytes) -> list[bytes]:
+    return [packed[i : i + DIGEST_BYTES] for i in range(0, len(packed), DIGEST_BYTES)]
+
+
+def event_digest(event_id: str) -> bytes:
     """64 bits of BLAKE2b: a compact id whose collisions are practically impossible."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
+    return hashlib.blake2b(event_id.encode(), digest_size=DIGEST_BYTES).digest()
 
 
 class ProfileUpdater:

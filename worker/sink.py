@@ -90,11 +90,14 @@ def connect(settings: RedisSettings) -> redis.Redis:
 def stored_profiles(client: redis.Redis, keys: RedisKeys, chunk: int = 5000) -> list[Profile]:
     """Every profile stored under these keys: a full scan, for offline jobs (the batch
     alternative of `bench`, `evaluate`), never for the worker."""
-    names = list(client.scan_iter(keys.profile("*"), count=chunk))
+    names = [text(name) for name in client.scan_iter(keys.profile("*"), count=chunk)]
+    prefix = len(keys.profile(""))
     return [
-        Profile.decode(blob)
+        Profile.decode(name[prefix:], blob)
         for start in range(0, len(names), chunk)
-        for blob in client.mget(names[start : start + chunk])
+        for name, blob in zip(
+            names[start : start + chunk], client.mget(names[start : start + chunk]), strict=True
+        )
         if blob
     ]
 
@@ -224,9 +227,8 @@ class RedisStore:
         blobs = self._call(
             "load_profiles", lambda: self._redis.mget([self._keys.profile(uid) for uid in user_ids])
         )
-        return {
-            uid: Profile.decode(blob) for uid, blob in zip(user_ids, blobs, strict=True) if blob
-        }
+        stored = zip(user_ids, blobs, strict=True)
+        return {uid: Profile.decode(uid, blob) for uid, blob in stored if blob}
 
     def applied_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         if not partitions:
