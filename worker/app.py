@@ -12,6 +12,7 @@ assign with the published revision.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -58,6 +59,18 @@ class BatchStats:
         return BatchStats(
             self.applied + other.applied, self.invalid + other.invalid, self.skipped + other.skipped
         )
+
+
+def settle_gc() -> None:
+    """Tune CPython's cycle collector for a long-lived worker process.
+
+    The imports (River, scikit-learn, SciPy, pydantic) leave about 150k objects that a full
+    collection walks every time: in a profile of 100k events, 16 full collections took
+    about 120 ms each, 15 % of the run. Frozen, they are never walked again. Each batch also
+    allocates tens of thousands of short-lived objects: with a young generation of 10,000
+    instead of 700, they die before they are promoted, so full collections become rare."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 class Worker:

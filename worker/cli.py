@@ -102,7 +102,7 @@ def run(
     ] = None,
 ) -> None:
     """Run the worker: join the consumer group and serve until SIGTERM."""
-    from worker.app import Worker
+    from worker.app import Worker, settle_gc
     from worker.retry import Permanent
 
     settings = _settings(config, log_format)
@@ -120,6 +120,7 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    settle_gc()
     try:
         Worker(settings, Metrics(), stop).run(stop_after_idle=stop_after_idle)
     except Permanent as exc:
