@@ -49,6 +49,7 @@ def test_bench_reports_every_figure() -> None:
     assert full["cpu_s_per_1k_events"] > 0 and full["peak_rss_mb"][0] > 50
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
     assert latency["offered_events_per_s"] == round(full["events_per_s"] / 2)
+    assert latency["events"] == latency["warm_up_events"] > 0
     assert 50 < figures["redis_bytes_per_user"] < 100_000
     assert batch["users"] == figures["users"]
     assert 0 < batch["ari_streaming_vs_personas"] <= 1 and 0 < batch["ari_batch_vs_personas"] <= 1
