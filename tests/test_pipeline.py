@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -15,6 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from config.settings import Settings
 from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
+from worker.app import settled_gc
 from worker.generator import Shop, generate
 from worker.model import SegmentModel
 from worker.profiles import Profile
@@ -400,3 +402,11 @@ def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
         c["user_id"] for c in changes if c["from"] == gone and c["model_version"] == model.version
     }
     assert moved == members
+
+
+def test_settled_gc_freezes_what_exists_and_restores_the_collector() -> None:
+    before = gc.get_threshold()
+    with settled_gc():
+        assert gc.get_freeze_count() > 10_000  # at least the imports
+        assert gc.get_threshold()[0] == 10_000
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before

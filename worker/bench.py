@@ -159,11 +159,13 @@ class Bench:
         progress: Progress,
         broker_pid: int | None = None,
         redis_pid: int | None = None,
+        latency_rate: float | None = None,
     ) -> None:
         self.base = settings
         self.events = events
         self.users = users
         self.latency_seconds = latency_seconds
+        self.latency_rate = latency_rate  # events/s offered; None: half the full speed
         self.progress = progress
         self.pids = {"broker": broker_pid, "redis": redis_pid}
         self.run_id = uuid.uuid4().hex[:6]
@@ -203,7 +205,7 @@ class Bench:
         figures["redis_bytes_per_user"] = self.bytes_per_user(main, list(shop.truth))
         figures["batch_alternative"] = self.batch_alternative(main, task, shop.truth)
         half = figures["full_speed"]["events_per_s"] / 2
-        figures["latency"] = self.latency(half, task)
+        figures["latency"] = self.latency(self.latency_rate or half, task)
         scale = self.full_speed(self.settings_for("scale", "b", topics="main"), task, workers=2)
         scale["ratio_to_one_worker"] = round(
             scale["events_per_s"] / figures["full_speed"]["events_per_s"], 3

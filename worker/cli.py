@@ -102,7 +102,7 @@ def run(
     ] = None,
 ) -> None:
     """Run the worker: join the consumer group and serve until SIGTERM."""
-    from worker.app import Worker, settle_gc
+    from worker.app import Worker, settled_gc
     from worker.retry import Permanent
 
     settings = _settings(config, log_format)
@@ -120,9 +120,9 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    settle_gc()
     try:
-        Worker(settings, Metrics(), stop).run(stop_after_idle=stop_after_idle)
+        with settled_gc():
+            Worker(settings, Metrics(), stop).run(stop_after_idle=stop_after_idle)
     except Permanent as exc:
         errors.print(f"[red]cannot run[/]: {exc}")
         raise typer.Exit(2) from None
@@ -342,6 +342,12 @@ def bench(
     latency_seconds: Annotated[
         float, typer.Option(min=5, help="Length of the paced latency run.")
     ] = 30.0,
+    latency_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=100, help="Events/s offered in the latency run [default: half the full speed]."
+        ),
+    ] = None,
     embedded: EmbeddedOption = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -357,7 +363,9 @@ def bench(
         servers(settings, embedded) as (where, broker_pid, redis_pid),
         Progress(*columns, TimeElapsedColumn(), console=errors) as progress,
     ):
-        bench = Bench(where, events, users, latency_seconds, progress, broker_pid, redis_pid)
+        bench = Bench(
+            where, events, users, latency_seconds, progress, broker_pid, redis_pid, latency_rate
+        )
         figures = bench.run()
     _report(figures, as_json, "segment-worker bench", rows(figures))
 

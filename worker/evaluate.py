@@ -40,7 +40,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from config.settings import Settings
 from schemas.reader import SegmentReader, text
 from schemas.records import RedisKeys
-from worker.app import Worker, settle_gc
+from worker.app import Worker, settled_gc
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import Shop, event_ms, generate
 from worker.metrics import Metrics
@@ -77,7 +77,10 @@ class Evaluation:
     def run(self) -> dict[str, Any]:
         settings = self._own_topics()
         shop = generate(self.users, self.events, seed=self.seed, drifts=self.drifts)
-        settle_gc()  # the worker runs here, beside the shop: freeze its events with the imports
+        with settled_gc():  # the worker runs in this process: freeze the shop's events too
+            return self._evaluate(settings, shop)
+
+    def _evaluate(self, settings: Settings, shop: Shop) -> dict[str, Any]:
         times = np.array([event_ms(e) for e in shop.events])
         # Moments to read Redis at: the new persona's onset and RECOVERY_EVENTS later.
         onset = shop.drifts.get("new_persona")
