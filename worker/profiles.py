@@ -30,11 +30,8 @@ from schemas.events import CLICK_TYPES, ClickEvent, PurchaseEvent
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
-# The stored layout's version: the first element of `Profile.encode`'s array (the layout
-# before it began with the user id, a string), and the order of its event-type counts,
-# which only ever grows at the end.
-STORED = 2
-COUNTED = (*CLICK_TYPES, "purchase")
+STORED = 2  # first element of `Profile.encode`'s array; the layout before began with a string
+COUNTED = (*CLICK_TYPES, "purchase")  # positions of the stored counts: only ever append
 DIGEST_BYTES = 8
 
 
@@ -170,7 +167,7 @@ class Profile:
     def _with_int_digests(profile: Profile) -> Profile:
         """Earlier releases kept the event digests as integers."""
         ints: dict[str, list[int]] = profile.recent_ids  # type: ignore[assignment]
-        profile.recent_ids = {t: [d.to_bytes(8, "big") for d in ids] for t, ids in ints.items()}
+        profile.recent_ids = {t: [d.to_bytes(DIGEST_BYTES) for d in ids] for t, ids in ints.items()}
         return profile
 
 
