@@ -258,14 +258,7 @@ class Worker:
             else:  # another worker's user: do not keep a copy that will go stale
                 self.cache.discard([user_id])
         if mine:
-            profiles = list(mine.values())
-            assignments = self.model.assign_many(
-                [self.features(p) for p in profiles],
-                [p.segment for p in profiles],
-                [p.last_ts for p in profiles],
-            )
-            for user_id, assignment in zip(mine, assignments, strict=True):
-                self._assign(batch, user_id, assignment)
+            self._assign_all(batch, mine, [self.features(p) for p in mine.values()])
             batch.assigned_pending.update(mine)
 
     def _forget_partitions(self, partitions: set[tuple[str, int]]) -> None:
@@ -393,12 +386,18 @@ class Worker:
         if not self.model.ready:
             batch.pending.update(features)
             return
-        profiles = [batch.profiles[uid] for uid in features]
+        self._assign_all(batch, batch.profiles, list(features.values()))
+
+    def _assign_all(
+        self, batch: BatchWrite, profiles: dict[str, Profile], xs: list[dict[str, float]]
+    ) -> None:
+        """Segment these users in one pass of the published model; `xs` are their
+        profiles' features, in the same order."""
         assignments = self.model.assign_many(
-            list(features.values()), [p.segment for p in profiles], [p.last_ts for p in profiles]
+            xs, [p.segment for p in profiles.values()], [p.last_ts for p in profiles.values()]
         )
-        for uid, assignment in zip(features, assignments, strict=True):
-            self._assign(batch, uid, assignment)
+        for user_id, assignment in zip(list(profiles), assignments, strict=True):
+            self._assign(batch, user_id, assignment)  # may write batch.profiles: a copy
 
     def _assign(self, batch: BatchWrite, user_id: str, assignment: Assignment) -> None:
         profile = self.cache.get(user_id)

@@ -92,14 +92,12 @@ def stored_profiles(client: redis.Redis, keys: RedisKeys, chunk: int = 5000) -> 
     alternative of `bench`, `evaluate`), never for the worker."""
     names = [text(name) for name in client.scan_iter(keys.profile("*"), count=chunk)]
     prefix = len(keys.profile(""))
-    return [
-        Profile.decode(name[prefix:], blob)
-        for start in range(0, len(names), chunk)
-        for name, blob in zip(
-            names[start : start + chunk], client.mget(names[start : start + chunk]), strict=True
-        )
-        if blob
-    ]
+    profiles = []
+    for start in range(0, len(names), chunk):
+        part = names[start : start + chunk]
+        stored = zip(part, client.mget(part), strict=True)
+        profiles += [Profile.decode(name[prefix:], blob) for name, blob in stored if blob]
+    return profiles
 
 
 class RedisRejected(Permanent):
