@@ -145,7 +145,7 @@ class ModelSettings(_Section):
     adaptation: bool = True  # off: the segments stay as seeded (detectors still report)
     reservoir_size: Annotated[int, Field(ge=50, le=20_000)] = 2000
     adapt_after: Positive = 300
-    refit_every: Positive = 20_000  # and, drift or not, after this many
+    refit_days: PositiveFloat = 7.0  # and, drift or not, this long after the last (event time)
     # after seeding, refits keep the number of segments for this long (event time): a
     # cold-started population's profiles are still growing (3 profile half-lives)
     settle_days: Annotated[float, Field(ge=0)] = 21.0

@@ -197,11 +197,28 @@ def test_refit_keeps_every_id_on_its_group() -> None:
     assert model.lifecycle == []  # nothing created, retired or merged
 
 
+def test_periodic_refits_keep_to_event_time_not_to_profiles_learned() -> None:
+    """However many profiles a day of event time brings, the periodic refit comes once
+    per `refit_days`: a busy shop must not re-version its model every few seconds."""
+    model, ids = seeded([0.0, 4.0, 8.0], refit_days=1)
+    within_a_day = [
+        model.learn_one(f"v{i}", x, 1000 + i)
+        for i, x in enumerate(groups(1000, [0.0, 4.0, 8.0], random.Random(2)))
+    ]
+    assert not any(learned.drifts for learned in within_a_day)  # no drift asks for a refit
+    assert not any(learned.adapted for learned in within_a_day)
+    assert model.version == 1
+    assert model.learn_one("w0", dict.fromkeys(FEATURES, 4.0), DAY_MS + 300).adapted
+    assert model.version == 2
+    assert not model.learn_one("w1", dict.fromkeys(FEATURES, 4.0), DAY_MS + 301).adapted
+    assert segments_of(model, ids) == ids
+
+
 def test_refits_refine_the_partition_instead_of_redrawing_it() -> None:
     """Two segments over three equal groups: either pairing of the middle group is a local
     optimum. Refits on fresh draws must leave each group with the id it had (a k-means++
     redraw picks either pairing from one draw to the next, moving a third of the users)."""
-    model, ids = seeded([0.0, 4.0, 8.0], n_clusters=2, refit_every=10**9)
+    model, ids = seeded([0.0, 4.0, 8.0], n_clusters=2, refit_days=10**9)
     assert len(set(ids.values())) == 2
     for refit in range(12):
         for i, x in enumerate(groups(100, [0.0, 4.0, 8.0], random.Random(10 + refit))):

@@ -13,11 +13,14 @@ The model of record is River: a `StandardScaler` learns the population online an
 * Adaptation. The model keeps a reservoir of the latest profile of each of the last
   `reservoir_size` users it learned from. When a detector (`drift.py`) fires, it waits
   for `adapt_after` more profiles, then refits the centres on the reservoir; every
-  `refit_every` profiles it refits them too (same k), so River's wandering centres
-  are re-anchored. A refit runs Lloyd's iterations from each id's anchor (and from an
-  emerging group's centre), not a fresh k-means++ draw: each centre moves to the data
-  around what its id meant, where a redraw lands in another local optimum each time,
-  moving users between segments that did not change and handing ids to other groups.
+  `refit_days` of event time it refits them too (same k), so River's wandering centres
+  are re-anchored. The cadence is event time, not profiles learned: how many profiles
+  a day brings depends on the shop's traffic and the worker's batching, and a replay
+  must refit where the live run did. A refit runs Lloyd's iterations from each id's
+  anchor (and from an emerging group's centre), not a fresh k-means++ draw: each
+  centre moves to the data around what its id meant, where a redraw lands in another
+  local optimum each time, moving users between segments that did not change and
+  handing ids to other groups.
   Only a redraw that fits the reservoir `redraw_gain` better (k-means inertia) replaces
   the refined centres, and only in a drift's refit or while the cold-started shop
   settles (its first centres were seeded on young profiles and may sit in a poor
@@ -130,8 +133,8 @@ class SegmentModel:
         self._adapt_in: int | None = None  # learned profiles until a drift's refit
         self._looks = 0  # follow-up looks for an emerging group left after a drift's refit
         self._candidate: dict[str, float] | None = None  # the group the last look found
-        self._since_refit = 0
         self._seeded_at = 0  # event time of the first seeding
+        self._refitted_at = 0  # event time of the last seeding or refit
 
     @property
     def ready(self) -> bool:
@@ -157,11 +160,13 @@ class SegmentModel:
         drifts = tuple(self.detectors.update(z, index, distance))
         self._drifted(drifts, event_ts)
         detail = "; ".join(self.detectors.describe(detector) for detector in drifts)
-        self._since_refit += 1
         if self._adapt_in is not None:
             self._adapt_in -= 1
         drifted = self._adapt_in == 0
-        due = self._settings.adaptation and self._since_refit >= self._settings.refit_every
+        due = (
+            self._settings.adaptation
+            and event_ts - self._refitted_at >= self._settings.refit_days * DAY_MS
+        )
         adapted = (drifted or due) and self.adapt(event_ts, grow=drifted)
         return Learned(drifts=drifts, detail=detail, adapted=adapted)
 
@@ -308,7 +313,7 @@ class SegmentModel:
         fit = self._fit(
             self._standardized(list(self.reservoir.values())), self._settings.n_clusters
         )
-        self.version, self._seeded_at = 1, event_ts
+        self.version, self._seeded_at, self._refitted_at = 1, event_ts, event_ts
         self.reference = list(self.reservoir.values())
         self._bind({}, fit.cluster_centers_, event_ts)
         self.rename()
@@ -366,7 +371,7 @@ class SegmentModel:
         self.detectors.segments_changed()
         self._looks = self._settings.growth_looks if follow_up else 0
         self._adapt_in = self._settings.adapt_after if self._looks else None
-        self._since_refit, self._candidate = 0, None
+        self._refitted_at, self._candidate = event_ts, None
         return True
 
     def _persists(self, emerging: np.ndarray) -> bool:
@@ -495,7 +500,7 @@ class SegmentModel:
             ],
             "adapt_in": self._adapt_in,
             "looks": self._looks,
-            "since_refit": self._since_refit,
+            "refitted_at": self._refitted_at,
             "seeded_at": self._seeded_at,
             "psi": self.detectors.shares.psi,
         }
@@ -531,8 +536,9 @@ class SegmentModel:
         model._next_id = int(state["next_id"])
         model._adapt_in = state["adapt_in"]
         model._looks = int(state.get("looks", 0))  # absent from checkpoints before the looks
-        model._since_refit = int(state["since_refit"])
         model._seeded_at = int(state["seeded_at"])
+        # absent from checkpoints made before the cadence was event time: one refit soon
+        model._refitted_at = int(state.get("refitted_at", model._seeded_at))
         reservoir, model.reference = (
             [dict(zip(FEATURES, map(float, row), strict=True)) for row in state[key]]
             for key in ("reservoir", "reference")
