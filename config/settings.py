@@ -116,6 +116,9 @@ class ProfileSettings(_Section):
     session_gap_minutes: PositiveFloat = 30.0
     top_categories: Positive = 5
     recency_cap_days: PositiveFloat = 30.0
+    # tenure says whether a profile is new, not how old: past one half-life of history
+    # the behaviour features speak, and an uncapped tenure moves every user for a month
+    tenure_cap_days: PositiveFloat = 7.0
     cache_size: Positive = 200_000
     dedupe_window: Annotated[int, Field(ge=0, le=256)] = 8
 

@@ -179,6 +179,7 @@ def test_features_are_finite_and_bounded() -> None:
         for name in ("view_to_cart", "cart_to_purchase", "search_share"):
             assert 0.0 <= x[name] <= 1.0
         assert 0.0 <= x["purchase_recency_days"] <= SETTINGS.recency_cap_days
+        assert 0.0 <= x["tenure_days"] <= SETTINGS.tenure_cap_days
         assert all(v == v and abs(v) < 1e6 for v in x.values())
 
 
@@ -187,6 +188,17 @@ def test_never_bought_has_capped_recency_and_no_orders() -> None:
     assert x["orders"] == 0.0
     assert x["purchase_recency_days"] == SETTINGS.recency_cap_days
     assert x["view_to_cart"] == 1.0
+
+
+def test_tenure_grows_to_its_own_cap_and_stops() -> None:
+    """Tenure tells a new profile from an established one, then stops moving users: it
+    has its own cap, shorter than recency's."""
+    extract = FeatureExtractor(SETTINGS)
+    assert SETTINGS.tenure_cap_days < SETTINGS.recency_cap_days
+    assert extract(fold([click(T0), click(T0 + 2 * DAY_MS)]))["tenure_days"] == 2.0
+    for days in (8, 20, 40):
+        late = extract(fold([click(T0), click(T0 + days * DAY_MS)]))
+        assert late["tenure_days"] == SETTINGS.tenure_cap_days
 
 
 def test_cache_evicts_least_recently_used_and_drops_revoked_partitions() -> None:

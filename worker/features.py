@@ -3,7 +3,9 @@
 Counts and money are log-scaled (log1p) because shopper behaviour is heavy-tailed: a
 customer with 40 orders is not 40 times as different from one with 1 as a customer with
 1 is from one with 0. Ratios are bounded to [0, 1]; days are capped so one dormant
-account does not stretch a whole axis.
+account does not stretch a whole axis. Tenure's cap is short (a profile half-life by
+default): it grows a day a day for every user, drift or not, so it should tell a new
+shopper from an established one and then stop moving them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class FeatureExtractor:
 
     def __init__(self, settings: ProfileSettings) -> None:
         self._recency_cap = settings.recency_cap_days
+        self._tenure_cap = settings.tenure_cap_days
 
     def __call__(self, profile: Profile) -> dict[str, float]:
         counts = profile.counts
@@ -63,5 +66,5 @@ class FeatureExtractor:
             "search_share": counts.get("search", 0.0) / browsing if browsing else 0.0,
             "price_level": math.log1p(profile.mean_price),
             "purchase_recency_days": max(recency, 0.0),
-            "tenure_days": min((profile.last_ts - profile.first_ts) / DAY_MS, self._recency_cap),
+            "tenure_days": min((profile.last_ts - profile.first_ts) / DAY_MS, self._tenure_cap),
         }
