@@ -16,12 +16,13 @@ from kafka import KafkaConsumer, TopicPartition
 from config.settings import Settings
 from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
-from worker.app import settled_gc
-from worker.generator import Shop, generate
+from worker.app import BatchStats, Worker, settled_gc
+from worker.coordination import ModelCoordinator
+from worker.generator import Shop, event_ms, generate
 from worker.model import SegmentModel
 from worker.profiles import Profile
 from worker.replay import produce
-from worker.source import ensure_topics, kafka_client_config
+from worker.source import Record, ensure_topics, kafka_client_config
 
 pytestmark = pytest.mark.integration
 
@@ -283,6 +284,35 @@ def test_segment_changes_are_published(
     reader = SegmentReader(redis_client)
     last = {c["user_id"]: c["to"] for c in changes}
     assert all(reader.get(u).segment == s for u, s in last.items())  # type: ignore[union-attr]
+
+
+def test_the_events_detector_sees_each_batch_in_event_time(
+    settings: Settings, start_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A fetch returns a run of one partition before the next, so a batch arrives out of
+    event-time order; the `events` detector must see it sorted, or a sale's onset is
+    smeared over the batch."""
+    arrived: list[list[int]] = []  # each batch's event times, as fetched
+    seen: list[int] = []  # event times in the order the detector saw them
+    process, observe = Worker.process, ModelCoordinator.observe
+
+    def spy_process(worker: Worker, records: list[Record]) -> BatchStats:
+        arrived.append([event_ms(orjson.loads(r.value)) for r in records])
+        return process(worker, records)
+
+    def spy_observe(coordinator: ModelCoordinator, kind: str, price: float | None, ts: int):  # type: ignore[no-untyped-def]
+        seen.append(ts)
+        return observe(coordinator, kind, price, ts)
+
+    monkeypatch.setattr(Worker, "process", spy_process)
+    monkeypatch.setattr(ModelCoordinator, "observe", spy_observe)
+    shop, _ = run_shop(settings, start_worker, 300, 6000, seed=27, partitions=4)
+    assert len(seen) == len(shop.events) == sum(map(len, arrived))
+    assert any(batch != sorted(batch) for batch in arrived)  # fetched out of order
+    start = 0
+    for batch in arrived:
+        assert seen[start : start + len(batch)] == sorted(batch)
+        start += len(batch)
 
 
 def test_model_checkpoint_survives_a_restart(

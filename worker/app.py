@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 from config.settings import Settings
 from schemas.events import ClickEvent, UserDeleted
@@ -285,6 +286,7 @@ class Worker:
                 self._delete_user(batch, item.event, position.topic)
             else:
                 self._apply(batch, item)
+        self._observe(batch)
         self._segment(batch)
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
@@ -366,9 +368,16 @@ class Worker:
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
         price = event.price if isinstance(event, ClickEvent) else None
-        drifted = self.coordinator.observe(event.event_type, price, event.timestamp)
-        if drifted is not None:
-            self.report_drift("events", drifted, event.timestamp)
+        batch.observed.append((event.timestamp, event.event_type, price))
+
+    def _observe(self, batch: BatchWrite) -> None:
+        """Show the batch's applied events to the `events` detector in event time. A fetch
+        returns a run of one partition before the next, so in applied order an abrupt
+        change (a sale) is smeared over the batch; sorted, it is sharp again."""
+        for timestamp, event_type, price in sorted(batch.observed, key=itemgetter(0)):
+            drifted = self.coordinator.observe(event_type, price, timestamp)
+            if drifted is not None:
+                self.report_drift("events", drifted, timestamp)
 
     def _segment(self, batch: BatchWrite) -> None:
         """Learn from, and re-segment, every user whose profile the batch changed: once
