@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def test_generate_to_kafka_then_run_until_idle(
     )
     assert ran.returncode == 0, ran.stderr
     assert "Traceback" not in ran.stderr
-    assert "published model v1 revision" in ran.stderr
+    # a backlog batch can span a week of event time: the first publication may be a refit's
+    assert re.search(r"published model v\d+ revision", ran.stderr)
     assert "5000 events applied, 0 dead-lettered, 0 skipped" in ran.stderr
     reader = SegmentReader(redis_client)
     assert all(reader.get(user) is not None for user in users)
