@@ -55,6 +55,23 @@ def test_evaluate_scores_segments_stability_and_drift_response(settings: Setting
     )
 
 
+def test_replay_is_deterministic_and_answers_the_drift_schedule() -> None:
+    """`evaluate --replay`: the same shop through the model and profile code alone gives
+    the same figures every time (what makes it useful for trying model changes), and
+    reports every figure the pipeline's run does, above the same floors."""
+    run = Evaluation(Settings(), users=1500, events=150_000, seed=3, replay=True)
+    figures = run.run()
+    assert figures == run.run()
+    assert figures["scenario"]["through"] == "replay"
+    assert figures["scenario"]["applied"] == 150_000
+    assert figures["quality"]["ari_streaming"] >= 0.5
+    assert figures["stability"]["moves"] > 0  # each move is recorded, as `segment-changes` has it
+    assert figures["drift"]["scheduled"]["sale"]["first_detection"] is not None
+    recovery = figures["recovery"]
+    assert recovery["events_after_onset"] == 10_000 and recovery["ids_compared"] >= 5
+    assert any(s["persona"] == "new_visitor" for s in figures["segments"].values())
+
+
 def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
     """From seeding + settle days to the first drift: a→b→a is two moves, one back;
     first segments and moves outside the part are not moves."""

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -398,6 +399,14 @@ def evaluate(
         ),
     ] = True,
     embedded: EmbeddedOption = True,
+    replay: Annotated[
+        bool,
+        typer.Option(
+            "--replay",
+            help="Through the profile and model code alone, no broker or Redis: "
+            "deterministic and faster, for trying model changes.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run a generated shop through the pipeline; score segments, stability and drift."""
@@ -406,11 +415,13 @@ def evaluate(
 
     settings = _settings(config)
     logging.getLogger("worker").setLevel(logging.WARNING)
-    with (
-        console.status("generating, producing and segmenting the shop"),
-        servers(settings, embedded) as (where, _, _),
-    ):
-        figures = Evaluation(where, users, events, seed, drifts).run()
+    shop = partial(Evaluation, users=users, events=events, seed=seed, drifts=drifts)
+    with console.status("generating and segmenting the shop"):
+        if replay:
+            figures = shop(settings, replay=True).run()
+        else:
+            with servers(settings, embedded) as (where, _, _):
+                figures = shop(where).run()
     _report(figures, as_json, "segment-worker evaluate", rows(figures))
     if as_json:
         return

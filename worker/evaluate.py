@@ -1,5 +1,6 @@
 """`segment-worker evaluate`: segment quality, stability and drift response, measured
-through the real pipeline.
+through the real pipeline (or, with `--replay`, through the model and profile code alone:
+deterministic and faster, for trying model changes).
 
 A generated shop (personas as ground truth, and with the drift schedule: a sale, then a
 persona that appears mid-stream) is produced to a broker in event-time order while a
@@ -24,6 +25,8 @@ services would see: the segments stored in Redis, the `segment-changes` and
 
 from __future__ import annotations
 
+import copy
+import itertools
 import threading
 import uuid
 from collections import Counter, defaultdict
@@ -38,13 +41,16 @@ from sklearn.cluster import KMeans as BatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from config.settings import Settings
+from schemas import EVENT_ADAPTER
+from schemas.events import ClickEvent, UserDeleted
 from schemas.reader import SegmentReader, text
 from schemas.records import RedisKeys
 from worker.app import Worker, settled_gc
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import Shop, event_ms, generate
 from worker.metrics import Metrics
-from worker.profiles import DAY_MS, Profile
+from worker.model import SegmentModel
+from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 from worker.replay import produce
 from worker.sink import connect, stored_profiles
 from worker.source import ensure_topics, kafka_client_config
@@ -67,25 +73,58 @@ class Snapshot:
 
 
 @dataclass
+class Outcome:
+    """What a run left for scoring: Redis at the marks and at the end, the
+    `segment-lifecycle` and `segment-changes` messages, and the events applied."""
+
+    snapshots: list[Snapshot]
+    end: Snapshot
+    lifecycle: list[dict[str, Any]]
+    changes: list[dict[str, Any]]
+    applied: int
+
+
+@dataclass
 class Evaluation:
     settings: Settings
     users: int = 20_000
     events: int = 2_000_000
     seed: int = 7
     drifts: bool = True
+    replay: bool = False  # the model and profile code alone, without Kafka and Redis
 
     def run(self) -> dict[str, Any]:
         settings = self._own_topics()
         shop = generate(self.users, self.events, seed=self.seed, drifts=self.drifts)
-        with settled_gc():  # the worker runs in this process: freeze the shop's events too
-            return self._evaluate(settings, shop)
-
-    def _evaluate(self, settings: Settings, shop: Shop) -> dict[str, Any]:
         times = np.array([event_ms(e) for e in shop.events])
-        # Moments to read Redis at: the new persona's onset and RECOVERY_EVENTS later.
+        # Moments to look at: the new persona's onset and RECOVERY_EVENTS later.
         onset = shop.drifts.get("new_persona")
         first = int(np.searchsorted(times, onset)) if onset is not None else len(times)
         marks = [at for at in (first, first + RECOVERY_EVENTS) if at < len(times)]
+        with settled_gc():  # the worker runs in this process: freeze the shop's events too
+            run = replay if self.replay else self._pipeline
+            outcome = run(settings, shop, marks)
+        return {
+            "scenario": {
+                "users": len(shop.truth),
+                "events": len(shop.events),
+                "personas": len(set(shop.truth.values())),
+                "drifts": {name: at for name, at in shop.drifts.items()},
+                "applied": outcome.applied,
+                "through": "replay" if self.replay else "pipeline",
+            },
+            "quality": quality(settings, shop.truth, outcome.end.segments, outcome.end.profiles),
+            "stability": stability(
+                shop, outcome.lifecycle, outcome.changes, settings.model.settle_days
+            ),
+            "recovery": recovery(settings, shop.truth, outcome.snapshots, outcome.end),
+            "drift": drift_response(shop, times, outcome.lifecycle, settings.model.settle_days),
+            "segments": composition(shop.truth, outcome.end.segments),
+        }
+
+    def _pipeline(self, settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
+        """Through the real pipeline: produced to the broker while an in-process worker
+        segments it into Redis; Redis read at the marks and at the end."""
         snapshots: list[Snapshot] = []
         # As a live shop sends them: while the worker runs, at most LEAD events ahead of
         # it, on one topic. (Pre-produced over two topics and several partitions, they
@@ -120,23 +159,13 @@ class Evaluation:
                 f"the worker stopped after {worker.totals.applied:,} of "
                 f"{len(shop.events):,} events; see its log"
             )
-        end = self._snapshot(settings)
-        lifecycle = read_all(settings, settings.kafka.lifecycle_topic)
-        changes = read_all(settings, settings.kafka.changes_topic)
-        return {
-            "scenario": {
-                "users": len(shop.truth),
-                "events": len(shop.events),
-                "personas": len(set(shop.truth.values())),
-                "drifts": {name: at for name, at in shop.drifts.items()},
-                "applied": worker.totals.applied,
-            },
-            "quality": quality(settings, shop.truth, end.segments, end.profiles),
-            "stability": stability(shop, lifecycle, changes, settings.model.settle_days),
-            "recovery": recovery(settings, shop.truth, snapshots, end),
-            "drift": drift_response(shop, times, lifecycle, settings.model.settle_days),
-            "segments": composition(shop.truth, end.segments),
-        }
+        return Outcome(
+            snapshots,
+            self._snapshot(settings),
+            read_all(settings, settings.kafka.lifecycle_topic),
+            read_all(settings, settings.kafka.changes_topic),
+            worker.totals.applied,
+        )
 
     def _own_topics(self) -> Settings:
         run = f"eval-{uuid.uuid4().hex[:6]}"
@@ -189,6 +218,81 @@ def read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:
             messages.extend(orjson.loads(r.value) for r in records)
     consumer.close()
     return messages
+
+
+REPLAY_BATCH = 1500  # events per batch of the replay: about a poll batch of the pipeline
+
+
+def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
+    """The shop through the profile and model code alone, in exact event-time order and
+    batches of `REPLAY_BATCH` events: no broker, no Redis, no worker. Deterministic and
+    several times faster than the pipeline, for trying model changes; the figures that
+    count are the pipeline's (it batches by partition, and assigns with a published copy
+    of the model that lags the trained one by seconds; neither happens here).
+
+    Per batch it does what the worker does: folds each event into its user's profile,
+    shows it to the `events` detector, learns once per user from the latest profile, and
+    assigns with the margin. After an adaptation that merged or retired a segment, that
+    segment's users move to the nearest live one, as a worker adopting the model moves
+    them."""
+    updater, extract = ProfileUpdater(settings.profile), FeatureExtractor(settings.profile)
+    model = SegmentModel(settings.model)
+    profiles: dict[str, Profile] = {}
+    snapshots: list[Snapshot] = []
+    changes: list[dict[str, Any]] = []
+    pending: set[str] = set()  # users seen before the model was seeded
+
+    def place(users: list[str]) -> None:
+        chosen = [profiles[u] for u in users]
+        assignments = model.assign_many(
+            [extract(p) for p in chosen], [p.segment for p in chosen], [p.last_ts for p in chosen]
+        )
+        for profile, assignment in zip(chosen, assignments, strict=True):
+            if assignment.segment != profile.segment:
+                changes.append(
+                    {
+                        "user_id": profile.user_id,
+                        "from": profile.segment,
+                        "to": assignment.segment,
+                        "model_version": model.version,
+                        "timestamp": profile.last_ts,
+                    }
+                )
+                profile.segment = assignment.segment
+
+    def snapshot() -> Snapshot:
+        placed = {u: p for u, p in profiles.items() if p.segment is not None}
+        return Snapshot(
+            {u: str(p.segment) for u, p in placed.items()},
+            {u: copy.deepcopy(p) for u, p in placed.items()},
+            {seg.id: model.centroid(i) for i, seg in model.segments.items()},
+        )
+
+    bounds = sorted({*range(0, len(shop.events), REPLAY_BATCH), *marks, len(shop.events)})
+    for start, stop in itertools.pairwise(bounds):
+        if start in marks:
+            snapshots.append(snapshot())
+        touched: dict[str, Profile] = {}
+        for offset in range(start, stop):
+            event = EVENT_ADAPTER.validate_python(shop.events[offset])
+            assert not isinstance(event, UserDeleted)  # the generator deletes no one
+            profile = profiles.setdefault(event.user_id, Profile(event.user_id))
+            updater.apply(profile, event, Position("replay", 0, offset))
+            touched[event.user_id] = profile
+            price = event.price if isinstance(event, ClickEvent) else None
+            model.observe(event.event_type, price, event.timestamp)
+        before = model.ids_ever() - {seg.id for seg in model.segments.values()}
+        for user, profile in touched.items():
+            model.learn_one(user, extract(profile), profile.last_ts)
+        if not model.ready:
+            pending.update(touched)
+            continue
+        gone = model.ids_ever() - {seg.id for seg in model.segments.values()} - before
+        stranded = [u for u, p in profiles.items() if p.segment in gone] if gone else []
+        place(list({**dict.fromkeys(touched), **dict.fromkeys(stranded), **dict.fromkeys(pending)}))
+        pending.clear()
+    lifecycle = [m.model_dump() for m in model.lifecycle]
+    return Outcome(snapshots, snapshot(), lifecycle, changes, len(shop.events))
 
 
 def quality(
