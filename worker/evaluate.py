@@ -281,15 +281,15 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             touched[event.user_id] = profile
             price = event.price if isinstance(event, ClickEvent) else None
             model.observe(event.event_type, price, event.timestamp)
-        before = model.ids_ever() - {seg.id for seg in model.segments.values()}
+        live = {seg.id for seg in model.segments.values()}
         for user, profile in touched.items():
             model.learn_one(user, extract(profile), profile.last_ts)
         if not model.ready:
             pending.update(touched)
             continue
-        gone = model.ids_ever() - {seg.id for seg in model.segments.values()} - before
+        gone = live - {seg.id for seg in model.segments.values()}  # merged or retired now
         stranded = [u for u, p in profiles.items() if p.segment in gone] if gone else []
-        place(list({**dict.fromkeys(touched), **dict.fromkeys(stranded), **dict.fromkeys(pending)}))
+        place(list(dict.fromkeys([*touched, *stranded, *pending])))
         pending.clear()
     lifecycle = [m.model_dump() for m in model.lifecycle]
     return Outcome(snapshots, snapshot(), lifecycle, changes, len(shop.events))
