@@ -14,6 +14,7 @@ from conftest import RunningWorker, wait_for
 from kafka import KafkaConsumer, TopicPartition
 
 from config.settings import Settings
+from schemas.events import ClickEvent, PurchaseEvent
 from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
 from worker.app import BatchStats, Worker, settled_gc
@@ -300,9 +301,9 @@ def test_the_events_detector_sees_each_batch_in_event_time(
         arrived.append([event_ms(orjson.loads(r.value)) for r in records])
         return process(worker, records)
 
-    def spy_observe(coordinator: ModelCoordinator, kind: str, price: float | None, ts: int):  # type: ignore[no-untyped-def]
-        seen.append(ts)
-        return observe(coordinator, kind, price, ts)
+    def spy_observe(coordinator: ModelCoordinator, event: ClickEvent | PurchaseEvent):  # type: ignore[no-untyped-def]
+        seen.append(event.timestamp)
+        return observe(coordinator, event)
 
     monkeypatch.setattr(Worker, "process", spy_process)
     monkeypatch.setattr(ModelCoordinator, "observe", spy_observe)

@@ -22,10 +22,10 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter
 
 from config.settings import Settings
-from schemas.events import ClickEvent, UserDeleted
+from schemas.events import ClickEvent, PurchaseEvent, UserDeleted
 from schemas.records import SegmentChange, UserSegment
 from worker.coordination import ModelCoordinator
 from worker.decode import REASONS, DeadLetter, Decoded, Decoder
@@ -275,6 +275,7 @@ class Worker:
         decoded = [self.decode(r.key, r.value, r.position) for r in records]
         self._load_missing(d.event.user_id for d in decoded if isinstance(d, Decoded))
         batch = BatchWrite()
+        applied: list[ClickEvent | PurchaseEvent] = []
         for item in decoded:
             position = item.position
             batch.offsets[(position.topic, position.partition)] = position.offset
@@ -284,9 +285,9 @@ class Worker:
                 batch.tally[("invalid", item.reason)] += 1
             elif isinstance(item.event, UserDeleted):
                 self._delete_user(batch, item.event, position.topic)
-            else:
-                self._apply(batch, item)
-        self._observe(batch)
+            elif self._apply(batch, item):
+                applied.append(item.event)
+        self._observe(applied)
         self._segment(batch)
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
@@ -352,32 +353,31 @@ class Worker:
         for profile in self.store.load_profiles(missing).values():
             self.cache.put(profile)
 
-    def _apply(self, batch: BatchWrite, item: Decoded) -> None:
+    def _apply(self, batch: BatchWrite, item: Decoded) -> bool:
         """Fold one event into its user's profile, unless it is already applied (fence)
-        or a repeat of a recent event id."""
+        or a repeat of a recent event id; whether it was folded."""
         event = item.event
         assert not isinstance(event, UserDeleted)
         profile = self.cache.get(event.user_id) or Profile(event.user_id)
         if profile.applied(item.position):
             batch.tally[("skipped", "replay")] += 1
-            return
+            return False
         if not self.updater.apply(profile, event, item.position):
             batch.tally[("skipped", "duplicate_event_id")] += 1
-            return
+            return False
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
-        price = event.price if isinstance(event, ClickEvent) else None
-        batch.observed.append((event.timestamp, event.event_type, price))
+        return True
 
-    def _observe(self, batch: BatchWrite) -> None:
+    def _observe(self, events: list[ClickEvent | PurchaseEvent]) -> None:
         """Show the batch's applied events to the `events` detector in event time. A fetch
         returns a run of one partition before the next, so in applied order an abrupt
         change (a sale) is smeared over the batch; sorted, it is sharp again."""
-        for timestamp, event_type, price in sorted(batch.observed, key=itemgetter(0)):
-            drifted = self.coordinator.observe(event_type, price, timestamp)
+        for event in sorted(events, key=attrgetter("timestamp")):
+            drifted = self.coordinator.observe(event)
             if drifted is not None:
-                self.report_drift("events", drifted, timestamp)
+                self.report_drift("events", drifted, event.timestamp)
 
     def _segment(self, batch: BatchWrite) -> None:
         """Learn from, and re-segment, every user whose profile the batch changed: once

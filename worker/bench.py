@@ -413,7 +413,7 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             "≤ 400",
         ),
         (
-            "latency load (half full speed, after a warm-up)",
+            "latency load (after a warm-up)",
             f"{lat['offered_events_per_s']:,} events/s, {lat['events']:,} events",
             "",
         ),

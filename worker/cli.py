@@ -415,13 +415,13 @@ def evaluate(
 
     settings = _settings(config)
     logging.getLogger("worker").setLevel(logging.WARNING)
-    shop = partial(Evaluation, users=users, events=events, seed=seed, drifts=drifts)
+    evaluation = partial(Evaluation, users=users, events=events, seed=seed, drifts=drifts)
     with console.status("generating and segmenting the shop"):
         if replay:
-            figures = shop(settings, replay=True).run()
+            figures = evaluation(settings, replay=True).run()
         else:
             with servers(settings, embedded) as (where, _, _):
-                figures = shop(where).run()
+                figures = evaluation(where).run()
     _report(figures, as_json, "segment-worker evaluate", rows(figures))
     if as_json:
         return

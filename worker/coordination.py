@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from config.settings import ModelSettings
+from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import SegmentLifecycle
 from worker.metrics import Metrics
 from worker.model import Learned, SegmentModel
@@ -49,9 +50,9 @@ class ModelCoordinator:
             return Learned()
         return self.trainer.learn_one(user_id, x, event_ts)
 
-    def observe(self, event_type: str, price: float | None, event_ts: int) -> str | None:
+    def observe(self, event: ClickEvent | PurchaseEvent) -> str | None:
         """Watch an applied event when leading; what the `events` detector saw if it fired."""
-        if self.trainer is None or not self.trainer.observe(event_type, price, event_ts):
+        if self.trainer is None or not self.trainer.observe(event):
             return None
         return self.trainer.detectors.describe("events")
 

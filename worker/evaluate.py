@@ -42,7 +42,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 
 from config.settings import Settings
 from schemas import EVENT_ADAPTER
-from schemas.events import ClickEvent, UserDeleted
+from schemas.events import UserDeleted
 from schemas.reader import SegmentReader, text
 from schemas.records import RedisKeys
 from worker.app import Worker, settled_gc
@@ -101,7 +101,7 @@ class Evaluation:
         onset = shop.drifts.get("new_persona")
         first = int(np.searchsorted(times, onset)) if onset is not None else len(times)
         marks = [at for at in (first, first + RECOVERY_EVENTS) if at < len(times)]
-        with settled_gc():  # the worker runs in this process: freeze the shop's events too
+        with settled_gc():  # the worker or the replay runs here: freeze the shop's events too
             run = replay if self.replay else self._pipeline
             outcome = run(settings, shop, marks)
         return {
@@ -279,8 +279,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             profile = profiles.setdefault(event.user_id, Profile(event.user_id))
             updater.apply(profile, event, Position("replay", 0, offset))
             touched[event.user_id] = profile
-            price = event.price if isinstance(event, ClickEvent) else None
-            model.observe(event.event_type, price, event.timestamp)
+            model.observe(event)
         live = {seg.id for seg in model.segments.values()}
         for user, profile in touched.items():
             model.learn_one(user, extract(profile), profile.last_ts)

@@ -62,6 +62,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans as BatchKMeans
 
 from config.settings import ModelSettings
+from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import SegmentLifecycle
 from worker.drift import Detectors
 from worker.features import FEATURES
@@ -170,12 +171,13 @@ class SegmentModel:
         adapted = (drifted or due) and self.adapt(event_ts, grow=drifted)
         return Learned(drifts=drifts, detail=detail, adapted=adapted)
 
-    def observe(self, event_type: str, price: float | None, event_ts: int) -> bool:
-        """Watch one applied event's type and price (the `events` detector); True when it
-        revealed drift."""
-        if not self.ready or not self.detectors.observe(event_type, price):
+    def observe(self, event: ClickEvent | PurchaseEvent) -> bool:
+        """Watch one applied event's type and the price of what it viewed (the `events`
+        detector); True when it revealed drift."""
+        price = event.price if isinstance(event, ClickEvent) else None
+        if not self.ready or not self.detectors.observe(event.event_type, price):
             return False
-        self._drifted(("events",), event_ts)
+        self._drifted(("events",), event.timestamp)
         return True
 
     def _drifted(self, detectors: tuple[str, ...], event_ts: int) -> None:

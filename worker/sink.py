@@ -135,8 +135,6 @@ class BatchWrite:
     tally: Counter[tuple[str, ...]] = field(default_factory=Counter)  # counted once written
     pending: set[str] = field(default_factory=set)
     assigned_pending: set[str] = field(default_factory=set)
-    # applied events for the `events` detector: (event time, type, price)
-    observed: list[tuple[int, str, float | None]] = field(default_factory=list)
 
     def delete(self, user_id: str, segment: str | None) -> None:
         """Forget the user; `segment` is their current one (maybe set in this batch).
