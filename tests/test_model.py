@@ -227,23 +227,43 @@ def test_refits_refine_the_partition_instead_of_redrawing_it() -> None:
         assert segments_of(model, ids) == ids, f"refit {refit} moved a group"
 
 
-def test_a_refit_redraws_centres_stuck_in_a_poor_optimum() -> None:
+def test_a_refit_redraws_centres_stuck_in_a_poor_optimum_while_the_shop_settles() -> None:
     """Seeded on groups at -0.3, 0.3 and 12, the shop moves to 0, 8 and 16: refined, two
     centres would split the group at 0 and one would straddle 8 and 16 (Lloyd's stays
-    there); k-means++ from scratch fits far better, so a drift's refit takes it. A
-    periodic refit of the settled shop only refines."""
+    there); k-means++ from scratch fits far better, so a refit takes it while the
+    cold-started shop settles. Once settled, even a drift's refit only refines."""
 
-    def moved() -> SegmentModel:
-        model, _ = seeded([-0.3, 0.3, 12.0], merge_distance=1e-6, max_clusters=3)
+    def moved(settle_days: float) -> SegmentModel:
+        model, _ = seeded(
+            [-0.3, 0.3, 12.0], merge_distance=1e-6, max_clusters=3, settle_days=settle_days
+        )
         for i, x in enumerate(groups(100, [0.0, 8.0, 16.0], random.Random(4))):
             model.learn_one(f"v{i}", x, 1000 + i)
         return model
 
-    periodic, drifted = moved(), moved()
-    periodic.adapt(2000, grow=False)
-    assert len(set(segments_of(periodic, [0.0, 8.0, 16.0]).values())) == 2
-    drifted.adapt(2000)  # a drift's refit (max_clusters keeps it from adding a segment)
-    assert len(set(segments_of(drifted, [0.0, 8.0, 16.0]).values())) == 3
+    settling, settled = moved(settle_days=1), moved(settle_days=0)
+    settling.adapt(2000, grow=False)  # a periodic refit, a day after seeding
+    assert len(set(segments_of(settling, [0.0, 8.0, 16.0]).values())) == 3
+    settled.adapt(2000)  # a drift's refit (max_clusters keeps it from adding a segment)
+    assert len(set(segments_of(settled, [0.0, 8.0, 16.0]).values())) == 2
+
+
+def test_a_large_spread_out_newcomer_group_takes_no_old_id() -> None:
+    """A new kind of shopper arrives in numbers and spread out (40 % of the reservoir,
+    along a line from 20 to 40). A redrawn k-means would spend two centres on them and
+    blend the groups at 0 and 3, and the matching would hand one of those ids to the
+    newcomers; the drift's refit instead gives them a new id and every old id keeps its
+    group."""
+    model, ids = seeded([0.0, 3.0, 10.0])
+    rng = random.Random(5)
+    newcomers = [groups(1, [rng.uniform(20.0, 40.0)], rng)[0] for _ in range(120)]
+    points = groups(60, [0.0, 3.0, 10.0], rng) + newcomers
+    rng.shuffle(points)
+    for i, x in enumerate(points):
+        model.learn_one(f"v{i}", x, 1000 + i)
+    model.adapt(2000)
+    assert segments_of(model, ids) == ids
+    assert not set(segments_of(model, [22.0, 30.0, 38.0]).values()) & set(ids.values())
 
 
 def test_a_persistent_far_group_becomes_a_new_segment() -> None:

@@ -22,21 +22,23 @@ The model of record is River: a `StandardScaler` learns the population online an
   local optimum each time, moving users between segments that did not change and
   handing ids to other groups.
   Only a redraw that fits the reservoir `redraw_gain` better (k-means inertia) replaces
-  the refined centres, and only in a drift's refit or while the cold-started shop
-  settles (its first centres were seeded on young profiles and may sit in a poor
-  optimum): a periodic refit of a settled, stationary shop only refines.
+  the refined centres, and only while the cold-started shop settles (its first centres
+  were seeded on young profiles and may sit in a poor optimum). Once settled, refits
+  only refine, after a drift too: a redraw then spends several centres on a large new
+  group, and the matching hands old ids (cart abandoners, say) to parts of it.
   A refit after a detection, once `settle_days` of event time have passed since
   seeding (before, a cold-started population's profiles are still growing and every
   refit keeps k), may change k: centres closer than `merge_distance` merge; a
-  k+1 fit whose extra cluster holds at least `new_segment_share` of the reservoir, and
+  k+1 fit's cluster that holds at least `new_segment_share` of the reservoir, and
   `new_segment_growth` times what it held of the reservoir at the last refit, adds a
-  segment: a group that emerged, not a split of one that was there. A drift's refit
+  segment (the cluster that grew most): a group that emerged, not a split of one that
+  was there. A drift's refit
   that adds none is followed by `growth_looks` looks for such a group, which refit only
   when two in a row find it (a new kind of shopper arrives over hours). New
   centres take the old ids by a minimum-total-distance matching (Hungarian, not
   nearest-first) against each id's anchor, its centre at the last refit (River's
   centres wander as they learn, and one dragged toward a new group must not hand its id
-  to that group); the k+1 fit's extra cluster gets a new id, and an id left without a
+  to that group); the emerging group's centre gets a new id, and an id left without a
   match is retired, never reused.
 * Membership. `assign_many` keeps a user in their current segment unless another centre
   is closer by more than `switch_margin` (relative), so boundary users do not flap; a
@@ -339,8 +341,7 @@ class SegmentModel:
         survivors = {i: c for i, c in old.items() if i not in merged}
         can_grow = grow and settled and len(survivors) < self._settings.max_clusters
         wider = self._fit(points, len(survivors) + 1) if can_grow else None
-        kept_centres = np.array(list(survivors.values()))
-        emerging = self._emerging(kept_centres, wider) if wider is not None else None
+        emerging = self._emerging(wider) if wider is not None else None
         if looking:
             persists = emerging is not None and self._persists(emerging)
             self._candidate = None if emerging is None else self._original(emerging)
@@ -350,10 +351,10 @@ class SegmentModel:
                 return False
         start = [*survivors.values(), *([emerging] if emerging is not None else [])]
         fit = self._refine(points, np.array(start))
-        if grow or not settled:  # a drift's refit, or a cold start's profiles maturing
+        if not settled:  # a cold start's first centres may sit in a split or a blend
             redrawn = self._fit(points, len(start))
             if redrawn.inertia_ < (1 - self._settings.redraw_gain) * fit.inertia_:
-                fit = redrawn  # the centres sat in a poor local optimum (a split, a blend)
+                fit = redrawn
         follow_up = can_grow and emerging is None and not looking
         self.version += 1
         if not follow_up:  # else the looks compare against the reservoir before the drift
@@ -406,25 +407,31 @@ class SegmentModel:
                     break
         return merged
 
-    def _emerging(self, old: np.ndarray, wider: BatchKMeans) -> np.ndarray | None:
-        """The centre of the k+1 fit's cluster left unmatched by the old centres, if it is
-        a group that emerged: it holds at least `new_segment_share` of the reservoir now,
-        and `new_segment_growth` times the share of the reservoir as it was at the last
+    def _emerging(self, wider: BatchKMeans) -> np.ndarray | None:
+        """The centre of the k+1 fit's cluster that grew most, if it is a group that
+        emerged: it holds at least `new_segment_share` of the reservoir now, and
+        `new_segment_growth` times the share of the reservoir as it was at the last
         refit that would have fallen in it. A split of an existing segment had its share
-        before too; a new kind of shopper did not."""
-        matched = match(old, wider.cluster_centers_)
-        extra = next(j for j in range(len(wider.cluster_centers_)) if j not in matched)
-        now = float(np.mean(wider.labels_ == extra))
-        if now < self._settings.new_segment_share or now == 1.0:
+        before too; a new kind of shopper did not. Not the cluster a matching against
+        the old centres leaves over: a fit that gives the newcomers a cluster may blend
+        two old groups to free it, and the matching then pairs an old id with the
+        newcomers and leaves the blend over."""
+        k = len(wider.cluster_centers_)
+        then = wider.predict(self._standardized(self.reference))
+        now = np.bincount(wider.labels_, minlength=k) / len(wider.labels_)
+        before = np.bincount(then, minlength=k) / len(then)
+        grown = (now >= self._settings.new_segment_share) & (now < 1.0)
+        grown &= now >= self._settings.new_segment_growth * before
+        if not grown.any():
             return None
-        before = float(np.mean(wider.predict(self._standardized(self.reference)) == extra))
+        extra = int(np.argmax(np.where(grown, now - before, -np.inf)))
         centre: np.ndarray = wider.cluster_centers_[extra]
-        return centre if now >= self._settings.new_segment_growth * before else None
+        return centre
 
     def _bind(self, old: dict[int, np.ndarray], centres: np.ndarray, event_ts: int) -> set[int]:
         """Install `centres` as River's. Each takes the id of the `old` centre the
-        minimum-total-distance matching pairs it with; one left over (the k+1 fit's new
-        cluster) gets a new id. Returns the old indices kept."""
+        minimum-total-distance matching pairs it with; one left over (an emerging
+        group's) gets a new id. Returns the old indices kept."""
         indices = list(old)
         rows = match(np.array([old[i] for i in indices]), centres) if indices else {}
         pairs = {row: indices[o] for row, o in rows.items()}  # row of `centres` -> old index
