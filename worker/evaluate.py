@@ -440,32 +440,41 @@ def stability(
 ) -> dict[str, Any]:
     """Share of segmented users changing segment per day on the stationary part; how many
     users moved, and how many moves went back to the segment the user's previous move
-    left (flapping)."""
+    left (flapping); and the same share per persona (lapsing customers stop buying one
+    by one through this part, by design, so some of its moves are right)."""
     part = stationary_part(shop, lifecycle, settle_days)
     if part is None:
         return {"changes_per_user_per_day": None, "days": 0.0}
     start, end = part
     first_segment: dict[str, int] = {}
     left: dict[str, str] = {}  # per user, the segment their last move left
-    moves = returns = 0
+    moves: Counter[str] = Counter()  # per persona
+    returns = 0
     for change in sorted(changes, key=lambda c: c["timestamp"]):
         user = change["user_id"]
         if change["from"] is None:
             first_segment.setdefault(user, change["timestamp"])
         elif change["to"] is not None and start <= change["timestamp"] < end:
-            moves += 1
+            moves[shop.truth[user]] += 1
             if left.get(user) == change["to"]:
                 returns += 1
             left[user] = change["from"]
     days = (end - start) / DAY_MS
-    segmented = sum(1 for at in first_segment.values() if at < end)
+    segmented = Counter(shop.truth[u] for u, at in first_segment.items() if at < end)
+
+    def rate(moved: int, users: int) -> float:
+        return round(moved / max(users, 1) / days, 5)
+
     return {
-        "changes_per_user_per_day": round(moves / max(segmented, 1) / days, 5),
-        "moves": moves,
+        "changes_per_user_per_day": rate(moves.total(), segmented.total()),
+        "moves": moves.total(),
         "users_moved": len(left),
         "moves_back": returns,
-        "users": segmented,
+        "users": segmented.total(),
         "days": round(days, 2),
+        "by_persona": {
+            persona: rate(moves[persona], users) for persona, users in sorted(segmented.items())
+        },
     }
 
 
@@ -558,6 +567,11 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("segments (live)", f"{q['segments']}", ""),
         ("changed segment per user per day", f"{s['changes_per_user_per_day']}", "≤ 0.01"),
+        (
+            "the same, by persona",
+            ", ".join(f"{p}: {v}" for p, v in s.get("by_persona", {}).items()),
+            "",
+        ),
         (
             "moves, users moved, moves back (stationary part)",
             f"{s.get('moves')}, {s.get('users_moved')}, {s.get('moves_back')}",
