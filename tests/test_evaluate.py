@@ -77,7 +77,7 @@ def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
     first segments and moves outside the part are not moves."""
     shop = Shop(
         events=[{"timestamp": 50 * DAY_MS}],
-        truth={"u1": "lapsing", "u2": "loyal", "u3": "loyal"},
+        truth={"u1": "lapsing", "u2": "loyal", "u3": "loyal", "u4": "loyal"},
         drifts={"sale": 40 * DAY_MS},
     )
     lifecycle = [{"event": "created", "timestamp": 0}]
@@ -89,6 +89,7 @@ def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
         move("u1", 1, None, "s1"),
         move("u2", 1, None, "s2"),
         move("u3", 2, None, "s2"),
+        move("u4", 2, None, "s3"),
         move("u1", 5, "s1", "s2"),  # before the part (settling)
         move("u1", 25, "s2", "s1"),
         move("u1", 30, "s1", "s2"),  # back to what its last move left
@@ -98,5 +99,6 @@ def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
     figures = stability(shop, lifecycle, changes, settle_days=20)
     assert figures["days"] == 20
     assert (figures["moves"], figures["users_moved"], figures["moves_back"]) == (3, 2, 1)
-    assert figures["changes_per_user_per_day"] == round(3 / 3 / 20, 5)
-    assert figures["by_persona"] == {"lapsing": 2 / 1 / 20, "loyal": round(1 / 2 / 20, 5)}
+    assert figures["moves_home"] == 2  # u1's last (lapsing users end in s2) and u2's (loyal: s3)
+    assert figures["changes_per_user_per_day"] == round(3 / 4 / 20, 5)
+    assert figures["by_persona"] == {"lapsing": 2 / 1 / 20, "loyal": round(1 / 3 / 20, 5)}

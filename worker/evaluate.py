@@ -440,8 +440,9 @@ def stability(
 ) -> dict[str, Any]:
     """Share of segmented users changing segment per day on the stationary part; how many
     users moved, and how many moves went back to the segment the user's previous move
-    left (flapping); and the same share per persona (lapsing customers stop buying one
-    by one through this part, by design, so some of its moves are right)."""
+    left (flapping), and how many went to their persona's home: the segment most of that
+    persona's users are in at the end of the part (a user placed while their profile
+    was young, moving where they belong); and the share per persona."""
     part = stationary_part(shop, lifecycle, settle_days)
     if part is None:
         return {"changes_per_user_per_day": None, "days": 0.0}
@@ -450,16 +451,25 @@ def stability(
     left: dict[str, str] = {}  # per user, the segment their last move left
     moves: Counter[str] = Counter()  # per persona
     returns = 0
+    at_end: dict[str, str] = {}  # each user's segment at the end of the part
+    went: list[tuple[str, str]] = []  # (persona, segment) of each move
     for change in sorted(changes, key=lambda c: c["timestamp"]):
         user = change["user_id"]
+        if change["timestamp"] < end and change["to"] is not None:
+            at_end[user] = change["to"]
         if change["from"] is None:
             first_segment.setdefault(user, change["timestamp"])
         elif change["to"] is not None and start <= change["timestamp"] < end:
             moves[shop.truth[user]] += 1
+            went.append((shop.truth[user], change["to"]))
             if left.get(user) == change["to"]:
                 returns += 1
             left[user] = change["from"]
     days = (end - start) / DAY_MS
+    by_persona: dict[str, Counter[str]] = defaultdict(Counter)
+    for user, segment in at_end.items():
+        by_persona[shop.truth[user]][segment] += 1
+    home = {persona: c.most_common(1)[0][0] for persona, c in by_persona.items()}
     segmented = Counter(shop.truth[u] for u, at in first_segment.items() if at < end)
 
     def rate(moved: int, users: int) -> float:
@@ -470,6 +480,7 @@ def stability(
         "moves": moves.total(),
         "users_moved": len(left),
         "moves_back": returns,
+        "moves_home": sum(1 for persona, segment in went if home[persona] == segment),
         "users": segmented.total(),
         "days": round(days, 2),
         "by_persona": {
@@ -573,8 +584,9 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         (
-            "moves, users moved, moves back (stationary part)",
-            f"{s.get('moves')}, {s.get('users_moved')}, {s.get('moves_back')}",
+            "moves, users moved, moves back, moves home (stationary part)",
+            f"{s.get('moves')}, {s.get('users_moved')}, {s.get('moves_back')}, "
+            f"{s.get('moves_home')}",
             "",
         ),
         ("false alarms per 100k stationary events", f"{d['false_alarms_per_100k']}", "≤ 1"),
