@@ -414,8 +414,8 @@ class SegmentModel:
         refit that would have fallen in it. A split of an existing segment had its share
         before too; a new kind of shopper did not. Not the cluster a matching against
         the old centres leaves over: a fit that gives the newcomers a cluster may blend
-        two old groups to free it, and the matching then pairs an old id with the
-        newcomers and leaves the blend over."""
+        two old groups to free it, and the matching then pairs an old id with the bulk
+        of the newcomers and leaves over whatever else it drew."""
         k = len(wider.cluster_centers_)
         then = wider.predict(self._standardized(self.reference))
         now = np.bincount(wider.labels_, minlength=k) / len(wider.labels_)
