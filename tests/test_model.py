@@ -279,6 +279,22 @@ def test_a_persistent_far_group_becomes_a_new_segment() -> None:
     assert [(r.event, r.segment, r.model_version) for r in model.lifecycle] == [("created", new, 2)]
 
 
+def test_the_new_segment_is_made_from_the_cluster_that_grew_most() -> None:
+    """Newcomers arrive in a large group at 20 and a small one at 32. The k+1 fit blends
+    the old groups at 10 and 11 to free a centre, so the matching pairs the id of 11
+    with the large group and leaves the small one over. Made from the small one, the new
+    segment would leave the large group to the id of 11, which would follow it there."""
+    model, ids = seeded([0.0, 10.0, 11.0])
+    rng = random.Random(8)
+    points = groups(60, [0.0, 10.0, 11.0], rng) + groups(90, [20.0], rng) + groups(30, [32.0], rng)
+    rng.shuffle(points)
+    for i, x in enumerate(points):
+        model.learn_one(f"v{i}", x, 1000 + i)
+    model.adapt(2000)
+    assert segments_of(model, ids) == ids
+    assert not set(segments_of(model, [20.0, 32.0]).values()) & set(ids.values())
+
+
 def test_after_a_drift_refit_it_looks_again_for_a_group_still_arriving() -> None:
     # quiet detectors: only the looks that follow the drift's refit can add the segment
     model, ids = seeded([0.0, 4.0, 8.0], fit_drift_delta=1e-12, feature_drift_delta=1e-12)
