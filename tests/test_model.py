@@ -17,7 +17,7 @@ from schemas import EVENT_ADAPTER
 from worker.drift import Detectors, ShareShift, psi
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
-from worker.model import SegmentModel, describe, match
+from worker.model import SegmentModel, describe, keeps_meaning, match
 from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 
 SETTINGS = ModelSettings(n_clusters=6, warmup_users=200, seed=1)
@@ -231,7 +231,8 @@ def test_a_refit_redraws_centres_stuck_in_a_poor_optimum_while_the_shop_settles(
     """Seeded on groups at -0.3, 0.3 and 12, the shop moves to 0, 8 and 16: refined, two
     centres would split the group at 0 and one would straddle 8 and 16 (Lloyd's stays
     there); k-means++ from scratch fits far better, so a refit takes it while the
-    cold-started shop settles. Once settled, even a drift's refit only refines."""
+    cold-started shop settles. Once settled, a drift's refit does not: the id of the
+    group at 0.3 would go to the centre at 8, which lies nearest the anchor at 12."""
 
     def moved(settle_days: float) -> SegmentModel:
         model, _ = seeded(
@@ -246,6 +247,14 @@ def test_a_refit_redraws_centres_stuck_in_a_poor_optimum_while_the_shop_settles(
     assert len(set(segments_of(settling, [0.0, 8.0, 16.0]).values())) == 3
     settled.adapt(2000)  # a drift's refit (max_clusters keeps it from adding a segment)
     assert len(set(segments_of(settled, [0.0, 8.0, 16.0]).values())) == 2
+
+
+def test_a_settled_redraw_must_keep_every_id_nearest_its_own_anchor() -> None:
+    anchors = {0: np.array([0.0, 0.0]), 1: np.array([10.0, 0.0]), 2: np.array([20.0, 0.0])}
+    # each paired centre nearest its own anchor; the extra one (a new group) is free
+    assert keeps_meaning(anchors, np.array([[1.0, 0.0], [9.0, 1.0], [21.0, 0.0], [5.0, 30.0]]))
+    # the id at 10 would go to a centre nearer the anchor at 0
+    assert not keeps_meaning(anchors, np.array([[0.5, 0.0], [4.0, 0.0], [21.0, 0.0]]))
 
 
 def test_a_large_spread_out_newcomer_group_takes_no_old_id() -> None:

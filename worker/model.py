@@ -23,9 +23,12 @@ The model of record is River: a `StandardScaler` learns the population online an
   handing ids to other groups.
   Only a redraw that fits the reservoir `redraw_gain` better (k-means inertia) replaces
   the refined centres, and only while the cold-started shop settles (its first centres
-  were seeded on young profiles and may sit in a poor optimum). Once settled, refits
-  only refine, after a drift too: a redraw then spends several centres on a large new
-  group, and the matching hands old ids (cart abandoners, say) to parts of it.
+  were seeded on young profiles and may sit in a poor optimum) or in a drift's refit.
+  Once settled, a redraw must also keep every id's meaning: each centre the matching
+  pairs with an id must lie nearest that id's anchor. A redraw after a large new group
+  arrives spends several centres on it, and the matching would hand old ids (cart
+  abandoners, say) to parts of it; one after a sale that moves window shoppers next to
+  the big spenders may split them apart again without moving any id.
   A refit after a detection, once `settle_days` of event time have passed since
   seeding (before, a cold-started population's profiles are still growing and every
   refit keeps k), may change k: centres closer than `merge_distance` merge; a
@@ -351,9 +354,10 @@ class SegmentModel:
                 return False
         start = [*survivors.values(), *([emerging] if emerging is not None else [])]
         fit = self._refine(points, np.array(start))
-        if not settled:  # a cold start's first centres may sit in a split or a blend
+        if grow or not settled:  # a drift's refit, or a cold start's profiles maturing
             redrawn = self._fit(points, len(start))
-            if redrawn.inertia_ < (1 - self._settings.redraw_gain) * fit.inertia_:
+            better = redrawn.inertia_ < (1 - self._settings.redraw_gain) * fit.inertia_
+            if better and (not settled or keeps_meaning(survivors, redrawn.cluster_centers_)):
                 fit = redrawn
         follow_up = can_grow and emerging is None and not looking
         self.version += 1
@@ -575,6 +579,13 @@ def match(old: np.ndarray, new: np.ndarray) -> dict[int, int]:
     distance (Hungarian); with more new centres than old, the extra ones stay unpaired."""
     rows, cols = linear_sum_assignment(pairwise(old, new))
     return {int(c): int(r) for r, c in zip(rows, cols, strict=True)}
+
+
+def keeps_meaning(old: dict[int, np.ndarray], centres: np.ndarray) -> bool:
+    """Whether every centre the matching pairs with an old one is nearest that old one."""
+    anchors = np.array(list(old.values()))
+    nearest = pairwise(centres, anchors).argmin(axis=1)
+    return all(nearest[row] == o for row, o in match(anchors, centres).items())
 
 
 def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
