@@ -35,9 +35,9 @@ The model of record is River: a `StandardScaler` learns the population online an
   k+1 fit's cluster that holds at least `new_segment_share` of the reservoir, and
   `new_segment_growth` times what it held of the reservoir at the last refit, adds a
   segment (the cluster that grew most): a group that emerged, not a split of one that
-  was there. A drift's refit
-  that adds none is followed by `growth_looks` looks for such a group, which refit only
-  when two in a row find it (a new kind of shopper arrives over hours). New
+  was there. A drift's refit that adds none is followed by `growth_looks` looks for
+  such a group, which refit only when two in a row find it (a new kind of shopper
+  arrives over hours). New
   centres take the old ids by a minimum-total-distance matching (Hungarian, not
   nearest-first) against each id's anchor, its centre at the last refit (River's
   centres wander as they learn, and one dragged toward a new group must not hand its id
