@@ -260,9 +260,9 @@ def test_a_settled_redraw_must_keep_every_id_nearest_its_own_anchor() -> None:
 def test_a_large_spread_out_newcomer_group_takes_no_old_id() -> None:
     """A new kind of shopper arrives in numbers and spread out (40 % of the reservoir,
     along a line from 20 to 40). A redrawn k-means would spend two centres on them and
-    blend the groups at 0 and 3, and the matching would hand one of those ids to the
-    newcomers; the drift's refit instead gives them a new id and every old id keeps its
-    group."""
+    blend the groups at 0 and 3; the matching would then hand the id of 10 to the
+    newcomers and the id of 3 to the group at 10. The drift's refit instead gives them a
+    new id and every old id keeps its group."""
     model, ids = seeded([0.0, 3.0, 10.0])
     rng = random.Random(5)
     newcomers = [groups(1, [rng.uniform(20.0, 40.0)], rng)[0] for _ in range(120)]

@@ -449,7 +449,6 @@ def stability(
     start, end = part
     first_segment: dict[str, int] = {}
     left: dict[str, str] = {}  # per user, the segment their last move left
-    moves: Counter[str] = Counter()  # per persona
     returns = 0
     at_end: dict[str, str] = {}  # each user's segment at the end of the part
     went: list[tuple[str, str]] = []  # (persona, segment) of each move
@@ -460,12 +459,12 @@ def stability(
         if change["from"] is None:
             first_segment.setdefault(user, change["timestamp"])
         elif change["to"] is not None and start <= change["timestamp"] < end:
-            moves[shop.truth[user]] += 1
             went.append((shop.truth[user], change["to"]))
             if left.get(user) == change["to"]:
                 returns += 1
             left[user] = change["from"]
     days = (end - start) / DAY_MS
+    moves = Counter(persona for persona, _ in went)
     by_persona: dict[str, Counter[str]] = defaultdict(Counter)
     for user, segment in at_end.items():
         by_persona[shop.truth[user]][segment] += 1
