@@ -69,14 +69,18 @@ def test_learning_moves_the_nearest_centre_only() -> None:
     assert moved == [nearest]
 
 
-def test_checkpoint_round_trip_assigns_identically(model_and_profiles) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("learning", [True, False])
+def test_checkpoint_round_trip_assigns_identically(model_and_profiles, learning: bool) -> None:  # type: ignore[no-untyped-def]
     model, profiles = model_and_profiles
-    restored = SegmentModel.from_state(SETTINGS, orjson.loads(orjson.dumps(model.to_state())))
+    state = orjson.loads(orjson.dumps(model.to_state()))
+    restored = SegmentModel.from_state(SETTINGS, state, learning)
     assert restored.version == model.version
     for x in list(profiles.values())[:200]:
         a, b = model.assign(x), restored.assign(x)
         assert a.segment == b.segment
         assert a.distance == pytest.approx(b.distance)
+    # a copy that only assigns is built without the reservoir its refits would need
+    assert len(restored.reservoir) == (len(model.reservoir) if learning else 0)
 
 
 def test_checkpoint_carries_the_reservoir_and_rebuilds_the_detectors(model_and_profiles) -> None:  # type: ignore[no-untyped-def]

@@ -235,7 +235,7 @@ def explain(user_id: str, config: ConfigOption = None) -> None:
         errors.print("no model published yet")
         raise typer.Exit(1)
     try:
-        model = SegmentModel.from_state(settings.model, orjson.loads(state))
+        model = SegmentModel.from_state(settings.model, orjson.loads(state), learning=False)
     except (ValueError, KeyError, TypeError) as exc:
         errors.print(f"the published model cannot be read with these settings: {exc}")
         raise typer.Exit(1) from None

@@ -132,15 +132,15 @@ class ModelCoordinator:
             return None
         return state if isinstance(state, dict) else None
 
-    def _build(self, state: dict[str, Any]) -> SegmentModel | None:
+    def _build(self, state: dict[str, Any], learning: bool = True) -> SegmentModel | None:
         try:
-            return SegmentModel.from_state(self._settings, state)
+            return SegmentModel.from_state(self._settings, state, learning)
         except (ValueError, KeyError, TypeError) as exc:
             log.error("published model unusable (%s); a fresh model will replace it", exc)
             return None
 
     def _adopt(self, state: dict[str, Any] | None) -> bool:
-        model = self._build(state) if state is not None else None
+        model = self._build(state, learning=False) if state is not None else None
         if model is None:
             return False
         for segment, shift in model.shift_from(self.model).items():
