@@ -53,6 +53,7 @@ class KafkaSettings(_Section):
     max_poll_records: Positive = 2000
     poll_timeout_ms: Positive = 500
     fetch_max_wait_ms: Positive = 10
+    align_max_wait_ms: Annotated[int, Field(ge=0)] = 5000  # 0: no event-time alignment
     session_timeout_ms: Positive = 10_000
     heartbeat_interval_ms: Positive = 3_000
     max_poll_interval_ms: Positive = 300_000

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import itertools
+import threading
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,10 +22,12 @@ from schemas.records import RedisKeys
 from worker.app import BatchStats, Worker, settled_gc
 from worker.coordination import ModelCoordinator
 from worker.generator import Shop, event_ms, generate
+from worker.metrics import Metrics
 from worker.model import SegmentModel
 from worker.profiles import Profile
 from worker.replay import produce
-from worker.source import Record, ensure_topics, kafka_client_config
+from worker.retry import Backoff
+from worker.source import KafkaSource, Record, ensure_topics, kafka_client_config
 
 pytestmark = pytest.mark.integration
 
@@ -111,6 +115,10 @@ def run_shop(
     running: RunningWorker = start_worker(settings)
     running.join()
     return shop, running
+
+
+def with_kafka(settings: Settings, **changes: object) -> Settings:
+    return settings.model_copy(update={"kafka": settings.kafka.model_copy(update=changes)})
 
 
 def in_group(settings: Settings, suffix: str) -> Settings:
@@ -307,6 +315,9 @@ def test_the_events_detector_sees_each_batch_in_event_time(
 
     monkeypatch.setattr(Worker, "process", spy_process)
     monkeypatch.setattr(ModelCoordinator, "observe", spy_observe)
+    # Without the source's alignment: a backlog then comes in Kafka-timestamp order, but
+    # Kafka timestamps are the producers' clocks, not event time.
+    settings = with_kafka(settings, align_max_wait_ms=0)
     shop, _ = run_shop(settings, start_worker, 300, 6000, seed=27, partitions=4)
     assert len(seen) == len(shop.events) == sum(map(len, arrived))
     assert any(batch != sorted(batch) for batch in arrived)  # fetched out of order
@@ -314,6 +325,49 @@ def test_the_events_detector_sees_each_batch_in_event_time(
     for batch in arrived:
         assert seen[start : start + len(batch)] == sorted(batch)
         start += len(batch)
+
+
+@pytest.mark.parametrize("align_ms", [5000, 0])
+def test_a_backlog_is_handed_out_in_timestamp_order_across_partitions(
+    settings: Settings, align_ms: int
+) -> None:
+    """Catching up, a consumer reads each partition as fast as it can: the purchases
+    topic, with a twentieth of the records, runs ahead of the clicks, and shoppers buy
+    before the views that led to it. Aligned (the default), the source hands the backlog
+    out in Kafka-timestamp order across topics and partitions, each record once, each
+    partition in offset order, though it pauses partitions that run ahead."""
+    settings = with_kafka(settings, align_max_wait_ms=align_ms, max_poll_records=500)
+    ensure_topics(settings.kafka, partitions=4)
+    shop = generate(users=300, events=12_000, seed=5, drifts=False)
+    produce(shop.events, settings)
+    source = KafkaSource(
+        settings.kafka, Metrics(), Backoff(0.1, 1.0, threading.Event()), dict, lambda _: None
+    )
+    source.connect()
+    got: list[Record] = []
+    paused: set[TopicPartition] = set()
+
+    def consumed() -> bool:
+        got.extend(source.poll())
+        paused.update(source.consumer.paused())
+        return len(got) >= len(shop.events)
+
+    try:
+        wait_for(consumed, 60, "the backlog")
+    finally:
+        source.close()
+    positions = [(r.position.topic, r.position.partition, r.position.offset) for r in got]
+    assert len(set(positions)) == len(got) == len(shop.events)
+    for partition in {p[:2] for p in positions}:
+        offsets = [offset for *tp, offset in positions if tuple(tp) == partition]
+        assert offsets == sorted(offsets)
+    times = [r.appended_at for r in got]
+    behind = sum(1 for earlier, later in itertools.pairwise(times) if later < earlier)
+    if align_ms:
+        assert behind == 0
+        assert paused  # the clicks partitions' first fetches held more than a poll's worth
+    else:
+        assert behind > 0
 
 
 def test_model_checkpoint_survives_a_restart(
