@@ -54,6 +54,7 @@ class KafkaSettings(_Section):
     poll_timeout_ms: Positive = 500
     fetch_max_wait_ms: Positive = 10
     align_max_wait_ms: Annotated[int, Field(ge=0)] = 5000  # 0: no event-time alignment
+    purchases_wait_ms: Annotated[int, Field(ge=0)] = 1000  # 0: purchases do not wait for views
     session_timeout_ms: Positive = 10_000
     heartbeat_interval_ms: Positive = 3_000
     max_poll_interval_ms: Positive = 300_000

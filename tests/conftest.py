@@ -6,6 +6,7 @@ tests share the servers (starting them is the slow part) but never each other's 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -53,7 +54,8 @@ def settings(
     redis_client: redis.Redis,
 ) -> Settings:
     """Settings for this test: its own topics and group, short timeouts, small warm-up."""
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:60]
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50]
+    name = f"{slug}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"  # unique
     return load_settings(
         kafka={
             "bootstrap_servers": broker.bootstrap_servers,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import itertools
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -368,6 +370,67 @@ def test_a_backlog_is_handed_out_in_timestamp_order_across_partitions(
         assert paused  # the clicks partitions' first fetches held more than a poll's worth
     else:
         assert behind > 0
+
+
+@pytest.mark.parametrize("wait_ms", [5000, 0])
+def test_a_worker_keeping_up_hands_out_purchases_after_the_views_before_them(
+    settings: Settings, wait_ms: int
+) -> None:
+    """Caught up, the consumer fetches the topics out of phase. Here each round's
+    purchases reach the broker, and are fetched, before the clicks that precede them in
+    time: with `purchases_wait_ms` (the default) they wait for those clicks; without it
+    they are handed out first, in a batch of their own."""
+    from kafka import KafkaProducer
+
+    settings = with_kafka(settings, purchases_wait_ms=wait_ms)
+    ensure_topics(settings.kafka, partitions=2)
+    source = KafkaSource(
+        settings.kafka, Metrics(), Backoff(0.1, 1.0, threading.Event()), dict, lambda _: None
+    )
+    source.connect()
+    producer = KafkaProducer(**kafka_client_config(settings.kafka))
+    got: list[Record] = []
+
+    def poll_until(condition: Callable[[], bool], what: str) -> None:
+        wait_for(lambda: bool(got.extend(source.poll())) or condition(), what=what)
+
+    orders = [TopicPartition(settings.kafka.purchases_topic, p) for p in range(2)]
+    try:
+        poll_until(lambda: len(source.assignment) == 4, "the assignment")
+        start = int(time.time() * 1000)
+        for round_ in range(5):
+            at = start + 1000 * round_
+            for user in range(10):
+                producer.send(
+                    settings.kafka.purchases_topic, key=f"u{user}".encode(), value=b"{}",
+                    timestamp_ms=at + 500,
+                )  # fmt: skip
+            producer.flush()
+            fetched = 10 * (round_ + 1)
+            poll_until(
+                lambda n=fetched: sum(source.consumer.position(tp) for tp in orders) == n,  # type: ignore[misc]
+                f"the purchases fetched, round {round_}",
+            )
+            for n in range(100):
+                producer.send(
+                    settings.kafka.clickstream_topic, key=f"u{n % 10}".encode(), value=b"{}",
+                    timestamp_ms=at + 10 * n,
+                )  # fmt: skip
+            producer.flush()
+            poll_until(lambda n=fetched: len(got) == 11 * n, "the round handed out")  # type: ignore[misc]
+    finally:
+        producer.close()
+        source.close()
+    is_order = [r.position.topic == settings.kafka.purchases_topic for r in got]
+    bought_before_viewing = sum(
+        1
+        for i, j in itertools.combinations(range(len(got)), 2)
+        if is_order[i] and not is_order[j] and got[j].appended_at < got[i].appended_at
+    )
+    if wait_ms:
+        assert bought_before_viewing == 0
+    else:
+        assert bought_before_viewing >= 5 * 10 * 50  # each order before its round's 50
 
 
 def test_model_checkpoint_survives_a_restart(

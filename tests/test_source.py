@@ -101,3 +101,58 @@ def test_forgotten_partitions_are_dropped_with_what_they_held() -> None:
     aligner.add({ORDERS: records(range(2), [50, 90]), CLICKS: records(range(1), [0])}, now=0)  # type: ignore[dict-item]
     aligner.forget([CLICKS])  # revoked: it no longer holds the orders back, and is gone
     assert taken(aligner, to_come(clicks=500, orders=0)) == [("orders", 50), ("orders", 90)]
+
+
+def views_and_orders(wait_s: float = 1.0) -> EventTimeAligner:
+    return EventTimeAligner(max_wait_s=5, slack=10, orders_topic="orders", orders_wait_s=wait_s)
+
+
+def test_orders_wait_for_the_views_before_them_even_when_caught_up() -> None:
+    """Fetched out of phase, a worker that keeps up would learn the orders in batches
+    of their own; they wait until the clicks have been fetched past them."""
+    aligner = views_and_orders()
+    aligner.track([CLICKS, ORDERS], now=0)
+    aligner.add({ORDERS: records(range(2), [15, 50]), CLICKS: records(range(2), [0, 10])}, now=0)  # type: ignore[dict-item]
+    caught_up = to_come(clicks=0, orders=0)
+    assert taken(aligner, caught_up, now=0.1) == [("clicks", 0), ("clicks", 10)]
+    assert not aligner.ready(caught_up, now=0.1)
+    aligner.add({CLICKS: records(range(2, 4), [20, 40])}, now=0.2)  # type: ignore[dict-item]
+    assert aligner.ready(caught_up, now=0.2)
+    assert taken(aligner, caught_up, now=0.2) == [("orders", 15), ("clicks", 20), ("clicks", 40)]
+
+
+def test_orders_wait_for_every_clicks_partition_heard_from_lately() -> None:
+    other_clicks = TopicPartition("clicks", 1)
+    aligner = views_and_orders(wait_s=1.0)
+    aligner.track([CLICKS, other_clicks, ORDERS], now=0)
+    aligner.add({CLICKS: records(range(1), [60])}, now=0)  # type: ignore[dict-item]
+    aligner.add({other_clicks: records(range(1), [30])}, now=0.5)  # type: ignore[dict-item]
+    aligner.add({ORDERS: records(range(1), [50])}, now=0.6)  # type: ignore[dict-item]
+    caught_up = to_come(clicks=0, orders=0)
+    assert taken(aligner, caught_up, now=0.6) == [("clicks", 30), ("clicks", 60)]
+    aligner.add({CLICKS: records(range(1, 2), [70])}, now=1.4)  # type: ignore[dict-item]
+    assert taken(aligner, caught_up, now=1.4) == [("clicks", 70)]  # clicks-1 still at 30
+    # clicks-1 has delivered nothing for a second: it no longer holds the order back,
+    # though the order itself has waited less than its wait
+    assert taken(aligner, caught_up, now=1.55) == [("orders", 50)]
+
+
+def test_an_order_waits_at_most_the_orders_wait() -> None:
+    """Say the clicks' producer clock runs behind: the orders are late, not stuck."""
+    aligner = views_and_orders(wait_s=1.0)
+    aligner.track([CLICKS, ORDERS], now=0)
+    aligner.add({ORDERS: records(range(2), [50, 90])}, now=0)  # type: ignore[dict-item]
+    for offset, now in enumerate((0.3, 0.6, 0.9)):  # the clicks keep coming, behind
+        aligner.add({CLICKS: records(range(offset, offset + 1), [int(now * 10)])}, now=now)  # type: ignore[dict-item]
+    caught_up = to_come(clicks=0, orders=0)
+    assert taken(aligner, caught_up, now=0.9) == [("clicks", 3), ("clicks", 6), ("clicks", 9)]
+    assert taken(aligner, caught_up, now=1.0) == [("orders", 50), ("orders", 90)]
+
+
+def test_orders_wait_only_as_far_as_alignment_lets_them_go() -> None:
+    """The orders' wait adds to the alignment of a backlog; it never lets a record
+    ahead of a partition still catching up go early."""
+    aligner = views_and_orders(wait_s=0.1)
+    aligner.track([CLICKS, ORDERS], now=0)
+    aligner.add({ORDERS: records(range(1), [50]), CLICKS: records(range(1), [10])}, now=0)  # type: ignore[dict-item]
+    assert taken(aligner, to_come(clicks=500, orders=0), now=1) == [("clicks", 10)]

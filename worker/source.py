@@ -86,6 +86,9 @@ def consumer_config(settings: KafkaSettings) -> dict[str, object]:
     }
 
 
+Held = tuple[ConsumerRecord, float]  # a fetched record, and when it was fetched (monotonic)
+
+
 class EventTimeAligner:
     """Holds back fetched records that are ahead of a partition still catching up, and
     hands out the rest merged in timestamp order (each partition's in offset order).
@@ -107,12 +110,30 @@ class EventTimeAligner:
     (holding for any record to come, one run of a stationary load at 10,287 events/s
     measured 214 ms at p50, where runs without holding measured 72-140). Nor does one
     that has delivered nothing for `max_wait_s`: a stuck leader must not stall the
-    others."""
+    others.
 
-    def __init__(self, max_wait_s: float, slack: int) -> None:
+    Records of the `orders_topic` also wait, even once caught up, until every other
+    partition has been fetched past their timestamp: an order comes after the views
+    that led to it. Why: kafka-python fetches the topics of a worker that keeps up out of
+    phase, so without the wait the purchases came in batches of their own, every profile
+    learned from one a buyer, and the `feature` detector took each such batch for drift
+    (6-91 detections in a paced benchmark stage after its warm-up; 1-2 with the wait).
+    An order waits at most `orders_wait_s`, and a partition that has delivered nothing
+    for that long does not hold orders back: a quiet shop's orders are not delayed more.
+    """
+
+    def __init__(
+        self,
+        max_wait_s: float,
+        slack: int,
+        orders_topic: str | None = None,
+        orders_wait_s: float = 0.0,
+    ) -> None:
         self._max_wait = max_wait_s
         self._slack = slack
-        self._held: dict[TopicPartition, deque[ConsumerRecord]] = {}
+        self._orders_topic = orders_topic
+        self._orders_wait = orders_wait_s
+        self._held: dict[TopicPartition, deque[Held]] = {}
         self._latest: dict[TopicPartition, int] = {}  # timestamp of the latest fetched
         self._heard: dict[TopicPartition, float] = {}  # when it last delivered (monotonic)
 
@@ -131,40 +152,64 @@ class EventTimeAligner:
     def add(self, fetched: dict[TopicPartition, list[ConsumerRecord]], now: float) -> None:
         for tp, records in fetched.items():
             if records:
-                self._held.setdefault(tp, deque()).extend(records)
+                self._held.setdefault(tp, deque()).extend((r, now) for r in records)
                 self._latest[tp] = max(self._latest.get(tp, -1), records[-1].timestamp)
                 self._heard[tp] = now
 
     def take(
         self, to_come: Callable[[TopicPartition], int | None], now: float, limit: int
     ) -> list[tuple[TopicPartition, ConsumerRecord]]:
-        """Up to `limit` records at or before the mark, in timestamp order. `to_come`:
-        how many records a partition has in the fetcher and on the broker (None: not
-        known yet)."""
-        mark = self.mark(to_come, now)
+        """Up to `limit` records that may go now, in timestamp order. `to_come`: how many
+        records a partition has in the fetcher and on the broker (None: not known yet)."""
+        may_go = self._gate(to_come, now)
         heads = [
-            (held[0].timestamp, n, tp)
+            (held[0][0].timestamp, n, tp)
             for n, (tp, held) in enumerate(self._held.items())
-            if held and held[0].timestamp <= mark
+            if held and may_go(tp, held[0])
         ]
         heapq.heapify(heads)
         taken: list[tuple[TopicPartition, ConsumerRecord]] = []
         while heads and len(taken) < limit:
             _, n, tp = heads[0]
             held = self._held[tp]
-            taken.append((tp, held.popleft()))
-            if held and held[0].timestamp <= mark:
-                heapq.heapreplace(heads, (held[0].timestamp, n, tp))
+            taken.append((tp, held.popleft()[0]))
+            if held and may_go(tp, held[0]):
+                heapq.heapreplace(heads, (held[0][0].timestamp, n, tp))
             else:
                 heapq.heappop(heads)
         return taken
 
     def ready(self, to_come: Callable[[TopicPartition], int | None], now: float) -> bool:
         """Whether some held record may be handed out now."""
-        mark = self.mark(to_come, now)
-        return any(held and held[0].timestamp <= mark for held in self._held.values())
+        may_go = self._gate(to_come, now)
+        return any(held and may_go(tp, held[0]) for tp, held in self._held.items())
 
-    def mark(self, to_come: Callable[[TopicPartition], int | None], now: float) -> float:
+    def holding(self, at_least: int) -> set[TopicPartition]:
+        """Partitions holding at least this many records: to pause, so memory stays
+        bounded while another partition catches up."""
+        return {tp for tp, held in self._held.items() if len(held) >= at_least}
+
+    def _gate(
+        self, to_come: Callable[[TopicPartition], int | None], now: float
+    ) -> Callable[[TopicPartition, Held], bool]:
+        """Whether a partition's next held record may go now."""
+        mark = self._mark(to_come, now)
+        viewed = self._viewed(now)
+
+        def may_go(tp: TopicPartition, held: Held) -> bool:
+            record, fetched_at = held
+            if record.timestamp > mark:
+                return False
+            return (
+                tp.topic != self._orders_topic
+                or record.timestamp <= viewed
+                or now - fetched_at >= self._orders_wait
+            )
+
+        return may_go
+
+    def _mark(self, to_come: Callable[[TopicPartition], int | None], now: float) -> float:
+        """The latest timestamp of the slowest partition still catching up."""
         behind = [
             self._latest.get(tp, -math.inf)
             for tp, heard in self._heard.items()
@@ -175,10 +220,14 @@ class EventTimeAligner:
     def _catching_up(self, to_come: int | None) -> bool:
         return to_come is None or to_come > self._slack
 
-    def holding(self, at_least: int) -> set[TopicPartition]:
-        """Partitions holding at least this many records: to pause, so memory stays
-        bounded while another partition catches up."""
-        return {tp for tp, held in self._held.items() if len(held) >= at_least}
+    def _viewed(self, now: float) -> float:
+        """The timestamp every other partition heard from lately has been fetched to."""
+        others = [
+            self._latest.get(tp, -math.inf)
+            for tp, heard in self._heard.items()
+            if tp.topic != self._orders_topic and now - heard <= self._orders_wait
+        ]
+        return min(others, default=math.inf)
 
 
 class KafkaSource:
@@ -204,7 +253,12 @@ class KafkaSource:
         self._next: dict[TopicPartition, int] = {}
         self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
         self._aligner = (
-            EventTimeAligner(settings.align_max_wait_ms / 1000, settings.max_poll_records)
+            EventTimeAligner(
+                settings.align_max_wait_ms / 1000,
+                settings.max_poll_records,
+                settings.purchases_topic if settings.purchases_wait_ms else None,
+                settings.purchases_wait_ms / 1000,
+            )
             if settings.align_max_wait_ms
             else None
         )
