@@ -382,8 +382,9 @@ def test_a_worker_keeping_up_hands_out_purchases_after_the_views_before_them(
 ) -> None:
     """Caught up, the consumer fetches the topics out of phase. Here each round's
     purchases reach the broker, and are fetched, before the clicks that precede them in
-    time: with `purchases_wait_ms` (the default) they wait for those clicks; without it
-    they are handed out first, in a batch of their own."""
+    time: with `purchases_wait_ms` (on by default; 5 s here, so that a slow machine's
+    poll loop cannot outwait it) they wait for those clicks; without it they are handed
+    out first, in a batch of their own."""
     from kafka import KafkaProducer
 
     settings = with_kafka(settings, purchases_wait_ms=wait_ms)
