@@ -374,6 +374,18 @@ def test_membership_has_hysteresis() -> None:
     assert model.assign(midpoint, current="s999").segment == nearest
 
 
+def test_while_the_model_settles_users_follow_the_nearest_centre() -> None:
+    """Refits of a settling model may still redraw what the ids mean: a margin then would
+    hold users to an id's old meaning, and they would all move once it has settled."""
+    model, ids = seeded([0.0, 4.0], settle_days=21)
+    settled = model.to_state()["seeded_at"] + int(21 * DAY_MS)
+    midpoint = dict.fromkeys(FEATURES, 2.0)
+    nearest = model.assign(midpoint).segment
+    other = next(i for i in ids.values() if i != nearest)
+    assert model.assign(midpoint, current=other, at=settled - 1).segment == nearest
+    assert model.assign(midpoint, current=other, at=settled).segment == other
+
+
 def test_a_segment_adaptation_added_takes_users_without_the_margin_for_adopt_days() -> None:
     model, ids = seeded([0.0, 8.0])
     for i, x in enumerate(groups(100, [0.0, 8.0, 16.0], random.Random(3))):

@@ -44,8 +44,9 @@ The model of record is River: a `StandardScaler` learns the population online an
   to that group); the emerging group's centre gets a new id, and an id left without a
   match is retired, never reused.
 * Membership. `assign_many` keeps a user in their current segment unless another centre
-  is closer by more than `switch_margin` (relative), so boundary users do not flap; a
-  segment adaptation added takes users without that margin for `adopt_days`.
+  is closer by more than `switch_margin` (relative), so boundary users do not flap. Not
+  while the model settles (refits may still redraw what ids mean), and a segment
+  adaptation added takes users without that margin for `adopt_days`.
 
 Learning and assigning are separate calls so that one worker can train while every
 worker assigns with the same published snapshot (see `worker/coordination.py`).
@@ -214,10 +215,12 @@ class SegmentModel:
         at: Sequence[int] | None = None,
     ) -> list[Assignment]:
         """The segment of each profile, in one vectorized pass: the nearest one, unless
-        the user's `current` segment is within `switch_margin` of it. A segment adaptation
-        added less than `adopt_days` before the profile's event time (`at`) takes the user
-        without the margin: the shoppers it was made for had been placed elsewhere before
-        it existed. Leaving it needs the margin, so this cannot flap."""
+        the user's `current` segment is within `switch_margin` of it. Without the margin
+        (by the profile's event time, `at`): while the model settles, when refits may
+        still redraw what the ids mean and a margin would hold users to an id's old
+        meaning; and into a segment adaptation added less than `adopt_days` before, since
+        the shoppers it was made for had been placed elsewhere before it existed. Leaving
+        that segment needs the margin, so this cannot flap."""
         distances = self._distances(xs)
         segments = [self.segments[index] for index in sorted(self.segments)]
         nearest = distances.argmin(axis=1)
@@ -231,7 +234,7 @@ class SegmentModel:
             keep = (stay >= 0) & (
                 distances[rows, np.maximum(stay, 0)] <= best * (1 + self._settings.switch_margin)
             )
-            if at is not None:  # not when the nearest is a segment still adopting users
+            if at is not None:  # not while settling, nor into a segment still adopting
                 keep &= np.asarray(at) >= self._adopting_until(segments)[nearest]
             nearest = np.where(keep, stay, nearest)
         return [
@@ -241,11 +244,13 @@ class SegmentModel:
 
     def _adopting_until(self, segments: list[Segment]) -> np.ndarray:
         """Per segment, the event time until which it takes users without the margin:
-        `adopt_days` after adaptation added it; never for a seeded one."""
+        until the model settled (`settle_days` after seeding), and for `adopt_days` after
+        adaptation added it."""
+        settled = self._seeded_at + self._settings.settle_days * DAY_MS
         window = self._settings.adopt_days * DAY_MS
         return np.array(
             [
-                s.created_at + window if s.created_at > self._seeded_at else -math.inf
+                max(settled, s.created_at + window if s.created_at > self._seeded_at else 0)
                 for s in segments
             ]
         )
