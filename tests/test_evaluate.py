@@ -105,3 +105,5 @@ def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
     assert figures["moves_home"] == 2  # u1's last (lapsing users end in s2) and u2's (loyal: s3)
     assert figures["changes_per_user_per_day"] == round(3 / 4 / 20, 5)
     assert figures["by_persona"] == {"lapsing": 2 / 1 / 20, "loyal": round(1 / 3 / 20, 5)}
+    # weeks of the part: days 20-27, 27-34 and 34-40
+    assert figures["by_week"] == [round(1 / 4 / 7, 5), round(2 / 4 / 7, 5), 0.0]

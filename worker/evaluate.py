@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import threading
 import uuid
 from collections import Counter, defaultdict
@@ -58,6 +59,7 @@ from worker.source import ensure_topics, kafka_client_config
 SILHOUETTE_SAMPLE = 5000
 PARTITIONS = 4
 LEAD = 5000  # events the shop may be ahead of the worker
+WEEK_MS = 7 * DAY_MS
 RECOVERY_EVENTS = 10_000  # events after the new persona's onset when ARI is taken again
 PERSONA_FLOOR = 20  # users a persona needs at a snapshot to have a centre there
 
@@ -442,7 +444,8 @@ def stability(
     users moved, and how many moves went back to the segment the user's previous move
     left (flapping), and how many went to their persona's home: the segment most of that
     persona's users are in at the end of the part (a user placed while their profile
-    was young, moving where they belong); and the share per persona."""
+    was young, moving where they belong); and the share per persona and per week of
+    the part (a cold-started shop's profiles are still maturing when it begins)."""
     part = stationary_part(shop, lifecycle, settle_days)
     if part is None:
         return {"changes_per_user_per_day": None, "days": 0.0}
@@ -452,6 +455,7 @@ def stability(
     returns = 0
     at_end: dict[str, str] = {}  # each user's segment at the end of the part
     went: list[tuple[str, str]] = []  # (persona, segment) of each move
+    weeks = [0] * math.ceil((end - start) / WEEK_MS)  # moves in each week of the part
     for change in sorted(changes, key=lambda c: c["timestamp"]):
         user = change["user_id"]
         if change["timestamp"] < end and change["to"] is not None:
@@ -460,6 +464,7 @@ def stability(
             first_segment.setdefault(user, change["timestamp"])
         elif change["to"] is not None and start <= change["timestamp"] < end:
             went.append((shop.truth[user], change["to"]))
+            weeks[(change["timestamp"] - start) // WEEK_MS] += 1
             if left.get(user) == change["to"]:
                 returns += 1
             left[user] = change["from"]
@@ -471,8 +476,8 @@ def stability(
     home = {persona: c.most_common(1)[0][0] for persona, c in by_persona.items()}
     segmented = Counter(shop.truth[u] for u, at in first_segment.items() if at < end)
 
-    def rate(moved: int, users: int) -> float:
-        return round(moved / max(users, 1) / days, 5)
+    def rate(moved: int, users: int, span: float = days) -> float:
+        return round(moved / max(users, 1) / span, 5)
 
     return {
         "changes_per_user_per_day": rate(moves.total(), segmented.total()),
@@ -485,6 +490,9 @@ def stability(
         "by_persona": {
             persona: rate(moves[persona], users) for persona, users in sorted(segmented.items())
         },
+        "by_week": [
+            rate(moved, segmented.total(), min(days - 7 * n, 7.0)) for n, moved in enumerate(weeks)
+        ],
     }
 
 
@@ -580,6 +588,11 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         (
             "the same, by persona",
             ", ".join(f"{p}: {v}" for p, v in s.get("by_persona", {}).items()),
+            "",
+        ),
+        (
+            "the same, by week of the stationary part",
+            ", ".join(f"{v}" for v in s.get("by_week", [])),
             "",
         ),
         (
