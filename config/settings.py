@@ -133,9 +133,6 @@ class ModelSettings(_Section):
     n_clusters: Annotated[int, Field(ge=2, le=64)] = 5  # at the first seeding
     max_clusters: Annotated[int, Field(ge=2, le=64)] = 12  # new segments stop here
     learning_rate: Share = 0.01
-    # each user touched within this many applied events is learned once, from their latest
-    # profile, whatever the poll batches (1: once per batch)
-    learn_window: Annotated[int, Field(ge=1, le=100_000)] = 1500
     warmup_users: Annotated[int, Field(ge=10)] = 500
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0

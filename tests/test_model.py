@@ -17,7 +17,7 @@ from schemas import EVENT_ADAPTER
 from worker.drift import Detectors, ShareShift, psi
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
-from worker.model import LearningWindow, SegmentModel, describe, keeps_meaning, match
+from worker.model import SegmentModel, describe, keeps_meaning, match
 from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 
 SETTINGS = ModelSettings(n_clusters=6, warmup_users=200, seed=1)
@@ -357,34 +357,6 @@ def test_converged_segments_merge_and_the_retired_id_is_never_reused() -> None:
         model.learn_one(f"w{i}", x, 3000 + i)
     model.adapt(4000)
     assert segments_of(model, [16.0])[16.0] not in ids.values()
-
-
-def test_a_learning_window_takes_each_user_once_from_their_latest_profile() -> None:
-    window = LearningWindow(100)
-    assert window.add({"a": ({"x": 1.0}, 1), "b": ({"x": 2.0}, 2)}, 60) == {}
-    window.discard("b")  # a deleted user is not learned
-    assert window.add({"c": ({"x": 3.0}, 3), "a": ({"x": 4.0}, 4)}, 30) == {}
-    closed = window.add({"d": ({"x": 5.0}, 5)}, 10)  # 100 applied events close it
-    assert list(closed) == ["a", "c", "d"]  # in the order first touched
-    assert closed["a"] == ({"x": 4.0}, 4)  # from the latest profile
-    assert window.add({"e": ({"x": 6.0}, 6)}, 99) == {}  # the next window starts empty
-
-
-def test_the_model_learns_the_same_whatever_the_batches_within_a_window() -> None:
-    """Learning once per batch made the model's path depend on the poll batch size."""
-    rng = random.Random(7)
-    stream = [(f"u{rng.randrange(150)}", x) for x in groups(200, [0.0, 4.0, 8.0], rng)]
-    centres = []
-    for batch in (20, 60):
-        model = SegmentModel(ModelSettings(n_clusters=3, warmup_users=100, seed=1))
-        window = LearningWindow(120)
-        for start in range(0, len(stream), batch):
-            latest = {user: (x, start) for user, x in stream[start : start + batch]}
-            for user, (x, ts) in window.add(latest, batch).items():
-                model.learn_one(user, x, ts)
-        assert model.ready
-        centres.append(model.kmeans.centers)
-    assert centres[0] == centres[1]
 
 
 def test_membership_has_hysteresis() -> None:

@@ -288,7 +288,7 @@ class Worker:
             elif self._apply(batch, item):
                 applied.append(item.event)
         self._observe(applied)
-        self._segment(batch, len(applied))
+        self._segment(batch)
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
         self.outbox.flush()
@@ -379,20 +379,19 @@ class Worker:
             if drifted is not None:
                 self.report_drift("events", drifted, event.timestamp)
 
-    def _segment(self, batch: BatchWrite, events: int) -> None:
-        """Re-segment every user whose profile the batch changed, in one vectorized pass,
-        and learn from them: once per user per learning window (`model.learn_window`
-        applied events), from their latest profile, so a hot user weighs no more than
-        anyone else in the model, however the events were batched."""
+    def _segment(self, batch: BatchWrite) -> None:
+        """Learn from, and re-segment, every user whose profile the batch changed: once
+        per user per batch, from their latest profile, so a hot user weighs no more than
+        anyone else in the model and assignment is one vectorized pass."""
         if not batch.profiles:
             return
         features = {uid: self.features(profile) for uid, profile in batch.profiles.items()}
-        touched = {uid: (x, batch.profiles[uid].last_ts) for uid, x in features.items()}
-        for event_ts, learned in self.coordinator.learn(touched, events):
+        for uid, x in features.items():
+            learned = self.coordinator.learn(uid, x, batch.profiles[uid].last_ts)
             if learned.seeded or learned.adapted:
                 self._sync_now = True  # publish the new segments now, not at the next interval
             for detector in learned.drifts:
-                self.report_drift(detector, learned.detail, event_ts)
+                self.report_drift(detector, learned.detail, batch.profiles[uid].last_ts)
         if not self.model.ready:
             batch.pending.update(features)
             return

@@ -20,7 +20,7 @@ from config.settings import ModelSettings
 from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import SegmentLifecycle
 from worker.metrics import Metrics
-from worker.model import Learned, LearningWindow, SegmentModel, Touched
+from worker.model import Learned, SegmentModel
 from worker.sink import RedisStore
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ class ModelCoordinator:
         self._lease_ms = int(3 * settings.checkpoint_interval_s * 1000)
         self.model = SegmentModel(settings)
         self.trainer: SegmentModel | None = None
-        self._window = LearningWindow(settings.learn_window)  # the trainer's next users
         self._unusable = -1  # revision of a publication that could not be read: say so once
         self._lifecycle: list[SegmentLifecycle] = []  # published with the model, not yet sent
 
@@ -45,14 +44,11 @@ class ModelCoordinator:
     def leading(self) -> bool:
         return self.trainer is not None
 
-    def learn(self, profiles: Touched, events: int) -> list[tuple[int, Learned]]:
-        """Train when leading (a follower learns nothing) on the users of each closed
-        learning window (`model.learn_window` applied events); per user learned, the
-        event time of their profile and what learning it did."""
+    def learn(self, user_id: str, x: dict[str, float], event_ts: int) -> Learned:
+        """Train on a profile when leading (a follower learns nothing)."""
         if self.trainer is None:
-            return []
-        window = self._window.add(profiles, events)
-        return [(ts, self.trainer.learn_one(uid, x, ts)) for uid, (x, ts) in window.items()]
+            return Learned()
+        return self.trainer.learn_one(user_id, x, event_ts)
 
     def observe(self, event: ClickEvent | PurchaseEvent) -> str | None:
         """Watch an applied event when leading; what the `events` detector saw if it fired."""
@@ -61,7 +57,6 @@ class ModelCoordinator:
         return self.trainer.detectors.describe("events")
 
     def forget(self, user_id: str) -> None:
-        self._window.discard(user_id)
         if self.trainer is not None:
             self.trainer.forget(user_id)
 
@@ -91,7 +86,7 @@ class ModelCoordinator:
             log.info("this worker now trains the model (from revision %d)", self.trainer.revision)
         elif not leading and self.trainer is not None:
             log.info("another worker holds the model lease now; following it")
-            self.trainer, self._window = None, LearningWindow(self._settings.learn_window)
+            self.trainer = None
         if self.trainer is not None and self.trainer.ready:
             self.trainer.revision += 1
             self.trainer.rename()

@@ -50,7 +50,7 @@ from worker.app import Worker, settled_gc
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import Shop, event_ms, generate
 from worker.metrics import Metrics
-from worker.model import LearningWindow, SegmentModel
+from worker.model import SegmentModel
 from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 from worker.replay import produce
 from worker.sink import connect, stored_profiles
@@ -222,7 +222,7 @@ def read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:
     return messages
 
 
-REPLAY_BATCH = 1500  # events per batch of the replay (each assigned; learning is windowed)
+REPLAY_BATCH = 1500  # events per batch of the replay: about a poll batch of the pipeline
 
 
 def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
@@ -233,13 +233,12 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
     of the model that lags the trained one by seconds; neither happens here).
 
     Per batch it does what the worker does: folds each event into its user's profile,
-    shows it to the `events` detector, learns from the latest profile of each user the
-    learning window touched when the batch closes one, and assigns with the margin.
-    After an adaptation that merged or retired a segment, that segment's users move to
-    the nearest live one, as a worker adopting the model moves them."""
+    shows it to the `events` detector, learns once per user from the latest profile, and
+    assigns with the margin. After an adaptation that merged or retired a segment, that
+    segment's users move to the nearest live one, as a worker adopting the model moves
+    them."""
     updater, extract = ProfileUpdater(settings.profile), FeatureExtractor(settings.profile)
     model = SegmentModel(settings.model)
-    window = LearningWindow(settings.model.learn_window)
     profiles: dict[str, Profile] = {}
     snapshots: list[Snapshot] = []
     changes: list[dict[str, Any]] = []
@@ -284,9 +283,8 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             touched[event.user_id] = profile
             model.observe(event)
         live = {seg.id for seg in model.segments.values()}
-        latest = {user: (extract(profile), profile.last_ts) for user, profile in touched.items()}
-        for user, (x, event_ts) in window.add(latest, stop - start).items():
-            model.learn_one(user, x, event_ts)
+        for user, profile in touched.items():
+            model.learn_one(user, extract(profile), profile.last_ts)
         if not model.ready:
             pending.update(touched)
             continue
