@@ -235,25 +235,21 @@ class SegmentModel:
                 distances[rows, np.maximum(stay, 0)] <= best * (1 + self._settings.switch_margin)
             )
             if at is not None:  # not while settling, nor into a segment still adopting
-                keep &= np.asarray(at) >= self._adopting_until(segments)[nearest]
+                keep &= np.asarray(at) >= self._marginless_until(segments)[nearest]
             nearest = np.where(keep, stay, nearest)
         return [
             Assignment(segments[i].id, segments[i].name, float(row[i]))
             for row, i in zip(distances, nearest, strict=True)
         ]
 
-    def _adopting_until(self, segments: list[Segment]) -> np.ndarray:
+    def _marginless_until(self, segments: list[Segment]) -> np.ndarray:
         """Per segment, the event time until which it takes users without the margin:
         until the model settled (`settle_days` after seeding), and for `adopt_days` after
-        adaptation added it."""
+        adaptation added it (a seeded segment was not added)."""
         settled = self._seeded_at + self._settings.settle_days * DAY_MS
         window = self._settings.adopt_days * DAY_MS
-        return np.array(
-            [
-                max(settled, s.created_at + window if s.created_at > self._seeded_at else 0)
-                for s in segments
-            ]
-        )
+        added = [s.created_at + window if s.created_at > self._seeded_at else 0 for s in segments]
+        return np.asarray(np.maximum(np.array(added, dtype=float), settled))
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
         """Distance (standardized units) from a profile to every segment's centre."""
