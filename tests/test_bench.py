@@ -51,9 +51,9 @@ def test_bench_reports_every_figure() -> None:
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
     assert latency["offered_events_per_s"] == round(full["events_per_s"] / 2)
     assert latency["events"] == latency["warm_up_events"] > 0
-    # measured on a settled model: the few days of the stage's shop settle half way
-    # through its unmeasured warm-up, not after production's 21 days
-    assert 0 < latency["settle_days"] < ModelSettings().settle_days
+    # measured on a settled model: it settles half way through the unmeasured warm-up,
+    # or after production's 21 days if that is sooner
+    assert 0 < latency["settle_days"] <= ModelSettings().settle_days
     assert 50 < figures["redis_bytes_per_user"] < 100_000
     assert batch["users"] == figures["users"]
     assert 0 < batch["ari_streaming_vs_personas"] <= 1 and 0 < batch["ari_batch_vs_personas"] <= 1

@@ -335,14 +335,15 @@ class Bench:
         second half at `rate`, measured by what it adds to the worker's histogram. (A
         shop replayed against the full-speed stage's model would rewind its event time
         and give its user ids other personas: a drift the model adapts to, not a load.)
-        The shop spans a few days of event time, so the model counts as settled half way
-        through the warm-up (`model.settle_days`), not after the production 21 days: a
-        settling model places users without the switch margin, which is no steady state."""
+        A full run's warm-up spans about ten days of event time, so the model counts as
+        settled half way through it (`model.settle_days`, if that is sooner): a settling
+        model places users without the switch margin, which is no steady state."""
         count = int(rate * self.latency_seconds)
         shop = generate(users=max(self.users // 5, 100), events=2 * count, seed=12, drifts=False)
         warm_up, paced = shop.events[:count], shop.events[count:]
-        settled = (event_ms(warm_up[-1]) - event_ms(warm_up[0])) / 2 / DAY_MS
         settings = self.settings_for("latency", "l")
+        span = (event_ms(warm_up[-1]) - event_ms(warm_up[0])) / DAY_MS
+        settled = min(span / 2, settings.model.settle_days)
         model = settings.model.model_copy(update={"settle_days": settled})
         settings = settings.model_copy(update={"model": model})
         ensure_topics(settings.kafka, PARTITIONS)
