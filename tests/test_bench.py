@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from config.settings import ModelSettings
-from worker.bench import histogram_quantile
+from worker.bench import histogram_quantile, settle_days_within
+from worker.profiles import DAY_MS
 
 BENCH = [sys.executable, "-m", "worker", "bench"]
 
@@ -25,6 +26,15 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
     assert histogram_quantile(0.75, buckets) == pytest.approx(0.3)
     assert histogram_quantile(0.25, buckets) == pytest.approx(0.05)
+
+
+def test_the_latency_stage_model_settles_within_the_warm_up() -> None:
+    """A settling model places users without the switch margin: no steady state. The
+    stage's model settles half way through a warm-up shorter than `settle_days`."""
+    ten_days = [{"timestamp": 0}, {"timestamp": int(10 * DAY_MS)}]
+    assert settle_days_within(ten_days, 21.0) == pytest.approx(5.0)
+    seventy_days = [{"timestamp": 0}, {"timestamp": int(70 * DAY_MS)}]
+    assert settle_days_within(seventy_days, 21.0) == 21.0
 
 
 @pytest.mark.integration

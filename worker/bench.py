@@ -342,8 +342,7 @@ class Bench:
         shop = generate(users=max(self.users // 5, 100), events=2 * count, seed=12, drifts=False)
         warm_up, paced = shop.events[:count], shop.events[count:]
         settings = self.settings_for("latency", "l")
-        span = (event_ms(warm_up[-1]) - event_ms(warm_up[0])) / DAY_MS
-        settled = min(span / 2, settings.model.settle_days)
+        settled = settle_days_within(warm_up, settings.model.settle_days)
         model = settings.model.model_copy(update={"settle_days": settled})
         settings = settings.model_copy(update={"model": model})
         ensure_topics(settings.kafka, PARTITIONS)
@@ -377,6 +376,13 @@ class Bench:
                 for q in (50, 95, 99)
             },
         }
+
+
+def settle_days_within(warm_up: list[dict[str, object]], settle_days: float) -> float:
+    """`settle_days`, or half the warm-up's span of event time if that is sooner: the
+    model a latency stage measures has settled before the measured events arrive."""
+    span = (event_ms(warm_up[-1]) - event_ms(warm_up[0])) / DAY_MS
+    return min(span / 2, settle_days)
 
 
 def latency_buckets(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[float, float]:

@@ -59,7 +59,8 @@ from worker.source import ensure_topics, kafka_client_config
 SILHOUETTE_SAMPLE = 5000
 PARTITIONS = 4
 LEAD = 5000  # events the shop may be ahead of the worker
-WEEK_MS = 7 * DAY_MS
+WEEK_DAYS = 7  # `stability` also reports moves by week of the stationary part
+WEEK_MS = WEEK_DAYS * DAY_MS
 RECOVERY_EVENTS = 10_000  # events after the new persona's onset when ARI is taken again
 PERSONA_FLOOR = 20  # users a persona needs at a snapshot to have a centre there
 
@@ -491,7 +492,8 @@ def stability(
             persona: rate(moves[persona], users) for persona, users in sorted(segmented.items())
         },
         "by_week": [
-            rate(moved, segmented.total(), min(days - 7 * n, 7.0)) for n, moved in enumerate(weeks)
+            rate(moved, segmented.total(), min(days - WEEK_DAYS * n, WEEK_DAYS))
+            for n, moved in enumerate(weeks)
         ],
     }
 
@@ -592,7 +594,7 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             "the same, by week of the stationary part",
-            ", ".join(f"{v}" for v in s.get("by_week", [])),
+            ", ".join(map(str, s.get("by_week", []))),
             "",
         ),
         (

@@ -246,10 +246,14 @@ class SegmentModel:
         """Per segment, the event time until which it takes users without the margin:
         until the model settled (`settle_days` after seeding), and for `adopt_days` after
         adaptation added it (a seeded segment was not added)."""
-        settled = self._seeded_at + self._settings.settle_days * DAY_MS
         window = self._settings.adopt_days * DAY_MS
         added = [s.created_at + window if s.created_at > self._seeded_at else 0 for s in segments]
-        return np.asarray(np.maximum(np.array(added, dtype=float), settled))
+        return np.asarray(np.maximum(np.array(added, dtype=float), self._settled_at))
+
+    @property
+    def _settled_at(self) -> float:
+        """Event time from which the cold-started model counts as settled."""
+        return self._seeded_at + self._settings.settle_days * DAY_MS
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
         """Distance (standardized units) from a profile to every segment's centre."""
@@ -338,7 +342,7 @@ class SegmentModel:
         points = self._standardized(list(self.reservoir.values()))
         previous = dict(self.segments)
         order = sorted(previous)
-        settled = event_ts - self._seeded_at >= self._settings.settle_days * DAY_MS
+        settled = event_ts >= self._settled_at
         merged = self._converged(dict(zip(order, self._centres(), strict=True))) if settled else {}
         anchors = self._standardized([self.anchors[i] for i in order])
         old = dict(zip(order, anchors, strict=True))
