@@ -7,12 +7,15 @@ DESIGN.md and the README.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 KEY_FORMAT = 1
 """Version of the key layout below; bumped on any change readers would notice."""
+
+SegmentEvent = Literal["created", "retired", "merged"]
+SEGMENT_EVENTS: tuple[str, ...] = get_args(SegmentEvent)  # what changes the set of segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,7 @@ class SegmentLifecycle(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    event: Literal["created", "retired", "merged", "drift_detected"]
+    event: Literal[SegmentEvent, "drift_detected"]
     segment: str | None = None
     into: str | None = None
     detector: str | None = None

@@ -23,6 +23,7 @@ from conftest import wait_for
 from config.settings import Settings, load_settings
 from worker.embedded import free_port
 from worker.generator import generate
+from worker.metrics import Metrics
 from worker.replay import produce
 from worker.source import ensure_topics
 
@@ -109,6 +110,20 @@ def test_dashboard_is_provisionable() -> None:
     assert len(ids) == len(set(ids))
     for p in DASHBOARD["panels"]:
         assert p["datasource"]["uid"] == "prometheus" and p["targets"]
+
+
+def test_dashboard_charts_every_metric_the_worker_exports() -> None:
+    queries = " ".join(t["expr"] for p in DASHBOARD["panels"] for t in p["targets"])
+    exported = {family.name for family in Metrics().registry.collect()}
+    assert {name for name in exported if name not in queries} == set()
+
+
+def test_dashboard_does_not_add_up_what_every_worker_reports_alike() -> None:
+    """Segment sizes and shares come from Redis, so each worker reports the whole shop's."""
+    for p in DASHBOARD["panels"]:
+        for target in p["targets"]:
+            for gauge in ("segmentation_segment_users", "segmentation_segment_share"):
+                assert f"sum by (segment) ({gauge})" not in target["expr"], p["title"]
 
 
 @needs_promtool

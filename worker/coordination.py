@@ -18,7 +18,7 @@ import orjson
 
 from config.settings import ModelSettings
 from schemas.events import ClickEvent, PurchaseEvent
-from schemas.records import SegmentLifecycle
+from schemas.records import SEGMENT_EVENTS, SegmentLifecycle
 from worker.metrics import Metrics
 from worker.model import Learned, SegmentModel
 from worker.sink import RedisStore
@@ -39,6 +39,8 @@ class ModelCoordinator:
         self.trainer: SegmentModel | None = None
         self._unusable = -1  # revision of a publication that could not be read: say so once
         self._lifecycle: list[SegmentLifecycle] = []  # published with the model, not yet sent
+        for event in SEGMENT_EVENTS:  # exported at 0 from the start, for dashboards
+            metrics.lifecycle.labels(event)
 
     @property
     def leading(self) -> bool:
