@@ -213,7 +213,7 @@ def test_every_panel_shows_data_on_a_real_prometheus(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=10) as r:
             groups = orjson.loads(r.read())["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        assert len(rules) == 6 and all(rule["health"] == "ok" for rule in rules)
+        assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules)
     finally:
         stop.set()
         producer.join(30)
