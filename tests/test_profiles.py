@@ -13,7 +13,14 @@ from config.settings import ProfileSettings
 from schemas import ClickEvent, PurchaseEvent, PurchaseItem
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
-from worker.profiles import DAY_MS, Position, Profile, ProfileCache, ProfileUpdater
+from worker.profiles import (
+    DAY_MS,
+    EARLIER_FIELDS,
+    Position,
+    Profile,
+    ProfileCache,
+    ProfileUpdater,
+)
 
 T0 = 1_790_000_000_000
 SETTINGS = ProfileSettings(half_life_days=7, session_gap_minutes=30)
@@ -122,6 +129,13 @@ def test_categories_are_bounded_and_ranked() -> None:
     assert profile.top_categories(1)[0][0] == "favourite"
 
 
+def test_a_session_id_is_stored_as_its_digest_whatever_its_length() -> None:
+    short = fold([click(T0, session="s1")])
+    long = fold([click(T0, session="0f8b7c52-6d1e-4c0b-9a55-3f2d1e7a9b10")])
+    assert len(long.encode()) == len(short.encode())
+    assert fold([click(T0, session="s1"), click(T0 + 1, session="s1")]).sessions == pytest.approx(1)
+
+
 def test_fence_knows_what_was_applied() -> None:
     profile = fold([click(T0), click(T0 + 1)])  # offsets 0 and 1 on ("t", 0)
     assert profile.applied(Position("t", 0, 1))
@@ -135,11 +149,15 @@ def test_encode_decode_round_trip_and_profiles_of_earlier_releases_still_load() 
     profile = fold([*events, purchase(T0 + 40_000_000, 20.0)])
     blob = profile.encode()
     assert Profile.decode("u", blob) == profile
-    # what earlier releases stored: every field, digests as integers, in JSON and then msgpack
+    # what earlier releases stored: every field, the session id itself, digests as
+    # integers, in JSON and then msgpack; then the layout of STORED with the session id
     digests = {t: [int.from_bytes(d) for d in ids] for t, ids in profile.recent_ids.items()}
-    fields = {**asdict(profile), "recent_ids": digests}
+    fields = {**asdict(profile), "recent_ids": digests, "session_id": "s1"}
+    fields = {name: fields[name] for name in EARLIER_FIELDS}
     as_json, as_fields = orjson.dumps(fields), msgpack.packb(list(fields.values()))
-    for earlier in (as_json, as_json.decode(), as_fields):
+    layout = msgpack.unpackb(blob)
+    layout[8] = "s1"
+    for earlier in (as_json, as_json.decode(), as_fields, msgpack.packb(layout)):
         assert Profile.decode("u", earlier) == profile
     # the point of the fixed layout: Redis memory
     assert len(blob) <= 0.85 * len(as_fields) <= 0.5 * len(as_json)

@@ -7,7 +7,9 @@ An event older than the user's clock (out of order) does not rewind the clock; i
 own weight is decayed instead.
 
 A producer that retries may send the same event again at a new offset; the profile keeps
-digests of the ids of its last few events, so such a duplicate is skipped too.
+digests of the ids of its last few events, so such a duplicate is skipped too. Of the
+current session it keeps a digest too, not the id: session ids are often UUIDs, 36 bytes
+a user in Redis where 8 tell a new session from the last one as well.
 
 The profile also carries the replay fence: per input topic, the partition and offset of
 the last event applied to it. All of a user's events on a topic come from one partition
@@ -20,7 +22,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgpack
 import orjson
@@ -33,6 +35,11 @@ MINUTE_MS = 60_000
 STORED = 2  # first element of `Profile.encode`'s array; the layout before began with a string
 COUNTED = (*CLICK_TYPES, "purchase")  # positions of the stored counts: only ever append
 DIGEST_BYTES = 8
+EARLIER_FIELDS = (  # what releases before `STORED` kept, in this order, by name in JSON
+    *("user_id", "fence", "first_ts", "last_ts", "counts", "sessions", "session_id", "orders"),
+    *("monetary", "spend", "last_purchase_ts", "price_sum", "price_weight", "categories"),
+    *("segment", "last_click_ts", "recent_ids"),
+)
 
 
 class Position(NamedTuple):
@@ -51,7 +58,7 @@ class Profile:
     last_ts: int = 0
     counts: dict[str, float] = field(default_factory=dict)
     sessions: float = 0.0
-    session_id: str | None = None
+    session: bytes | None = None  # digest of the last click's session id
     orders: int = 0
     monetary: float = 0.0
     spend: float = 0.0
@@ -115,7 +122,7 @@ class Profile:
                     _compact(self.price_weight),
                 ],
                 {name: _compact(weight) for name, weight in self.categories.items()},
-                self.session_id,
+                self.session,
                 self.segment,
                 {
                     topic: [
@@ -133,10 +140,10 @@ class Profile:
         """A profile from `encode`, or from what earlier releases stored: a msgpack array
         of every field in declaration order, or before that a JSON object."""
         if isinstance(blob, str) or blob[:1] == b"{":
-            return cls._with_int_digests(cls(**orjson.loads(blob)))
+            return cls._upgraded(orjson.loads(blob))
         fields = msgpack.unpackb(blob)
         if fields[0] != STORED:
-            return cls._with_int_digests(cls(*fields))
+            return cls._upgraded(dict(zip(EARLIER_FIELDS, fields, strict=True)))
         _, clock, first, click, purchase, counts, sums, categories, session, segment, topics = (
             fields
         )
@@ -150,7 +157,7 @@ class Profile:
                 name: float(n) for name, n in zip(COUNTED, counts, strict=False) if n is not None
             },
             sessions=float(sessions),
-            session_id=session,
+            session=event_digest(session) if isinstance(session, str) else session,
             orders=orders,
             monetary=float(monetary),
             spend=float(spend),
@@ -163,12 +170,14 @@ class Profile:
             recent_ids={t: _unpack_digests(d) for t, (_, _, d) in topics.items() if d is not None},
         )
 
-    @staticmethod
-    def _with_int_digests(profile: Profile) -> Profile:
-        """Earlier releases kept the event digests as integers."""
-        ints: dict[str, list[int]] = profile.recent_ids  # type: ignore[assignment]
-        profile.recent_ids = {t: [d.to_bytes(DIGEST_BYTES) for d in ids] for t, ids in ints.items()}
-        return profile
+    @classmethod
+    def _upgraded(cls, fields: dict[str, Any]) -> Profile:
+        """Earlier releases kept the session id itself and the event digests as integers."""
+        session = fields.pop("session_id")
+        fields["recent_ids"] = {
+            t: [d.to_bytes(DIGEST_BYTES) for d in ids] for t, ids in fields["recent_ids"].items()
+        }
+        return cls(**fields, session=None if session is None else event_digest(session))
 
 
 def _compact(value: float | None) -> float | int | None:
@@ -254,8 +263,9 @@ class ProfileUpdater:
         interleave. A new session id starts a session; without ids, a click more than the
         session gap after the previous click does."""
         if event.session_id is not None:
-            new = event.session_id != profile.session_id
-            profile.session_id = event.session_id
+            session = event_digest(event.session_id)
+            new = session != profile.session
+            profile.session = session
         else:
             new = not profile.last_click_ts or (
                 event.timestamp - profile.last_click_ts > self._session_gap_ms
