@@ -134,6 +134,8 @@ class ModelSettings(_Section):
     max_clusters: Annotated[int, Field(ge=2, le=64)] = 12  # new segments stop here
     learning_rate: Share = 0.01
     warmup_users: Annotated[int, Field(ge=10)] = 500
+    # each active user is learned once per this much event time (worker/learning.py)
+    learn_window_minutes: PositiveFloat = 120.0
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
     # membership: a user moves only when another centre is this much closer (relative)

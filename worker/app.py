@@ -32,6 +32,7 @@ from worker.decode import REASONS, DeadLetter, Decoded, Decoder
 from worker.drift import DriftReport
 from worker.features import FeatureExtractor
 from worker.health import HealthServer
+from worker.learning import LearningWindows
 from worker.metrics import Metrics
 from worker.model import Assignment, SegmentModel
 from worker.profiles import Profile, ProfileCache, ProfileUpdater
@@ -109,6 +110,7 @@ class Worker:
             metrics.kafka_errors.labels(operation)
         self.updater = ProfileUpdater(settings.profile)
         self.features = FeatureExtractor(settings.profile)
+        self.learning = LearningWindows(settings.model.learn_window_minutes, self.features)
         self.cache = ProfileCache(settings.profile.cache_size)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
@@ -362,9 +364,14 @@ class Worker:
         if profile.applied(item.position):
             batch.tally[("skipped", "replay")] += 1
             return False
+        training = self.coordinator.leading
+        if training:
+            self.learning.before_fold(profile, event.timestamp)
         if not self.updater.apply(profile, event, item.position):
             batch.tally[("skipped", "duplicate_event_id")] += 1
             return False
+        if training:
+            self.learning.after_fold(profile)
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
@@ -380,22 +387,28 @@ class Worker:
                 self.report_drift("events", drifted, event.timestamp)
 
     def _segment(self, batch: BatchWrite) -> None:
-        """Learn from, and re-segment, every user whose profile the batch changed: once
-        per user per batch, from their latest profile, so a hot user weighs no more than
-        anyone else in the model and assignment is one vectorized pass."""
+        """Learn from the windows of event time the batch closed (`learning.py`), then
+        re-segment every user whose profile the batch changed, from their latest profile,
+        in one vectorized pass."""
         if not batch.profiles:
             return
-        features = {uid: self.features(profile) for uid, profile in batch.profiles.items()}
-        for uid, x in features.items():
-            learned = self.coordinator.learn(uid, x, batch.profiles[uid].last_ts)
+        self._learn()
+        if not self.model.ready:
+            batch.pending.update(batch.profiles)
+            return
+        features = [self.features(profile) for profile in batch.profiles.values()]
+        self._assign_all(batch, batch.profiles, features)
+
+    def _learn(self) -> None:
+        if not self.coordinator.leading:
+            self.learning.clear()  # another worker trains: keep nothing for it
+            return
+        for user_id, x, event_ts in self.learning.closed():
+            learned = self.coordinator.learn(user_id, x, event_ts)
             if learned.seeded or learned.adapted:
                 self._sync_now = True  # publish the new segments now, not at the next interval
             for detector in learned.drifts:
-                self.report_drift(detector, learned.detail, batch.profiles[uid].last_ts)
-        if not self.model.ready:
-            batch.pending.update(features)
-            return
-        self._assign_all(batch, batch.profiles, list(features.values()))
+                self.report_drift(detector, learned.detail, event_ts)
 
     def _assign_all(
         self, batch: BatchWrite, profiles: dict[str, Profile], xs: list[dict[str, float]]
@@ -443,6 +456,7 @@ class Worker:
         profile = self.cache.get(event.user_id)
         self.cache.discard([event.user_id])
         self.coordinator.forget(event.user_id)
+        self.learning.forget(event.user_id)
         segment = profile.segment if profile else None
         batch.delete(event.user_id, segment)
         if segment is not None:

@@ -49,6 +49,7 @@ from schemas.records import RedisKeys
 from worker.app import Worker, settled_gc
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import Shop, event_ms, generate
+from worker.learning import LearningWindows
 from worker.metrics import Metrics
 from worker.model import SegmentModel
 from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
@@ -234,12 +235,13 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
     of the model that lags the trained one by seconds; neither happens here).
 
     Per batch it does what the worker does: folds each event into its user's profile,
-    shows it to the `events` detector, learns once per user from the latest profile, and
-    assigns with the margin. After an adaptation that merged or retired a segment, that
-    segment's users move to the nearest live one, as a worker adopting the model moves
-    them."""
+    shows it to the `events` detector, learns from the windows of event time that closed
+    (`worker/learning.py`), and assigns with the margin. After an adaptation that merged
+    or retired a segment, that segment's users move to the nearest live one, as a worker
+    adopting the model moves them."""
     updater, extract = ProfileUpdater(settings.profile), FeatureExtractor(settings.profile)
     model = SegmentModel(settings.model)
+    learning = LearningWindows(settings.model.learn_window_minutes, extract)
     profiles: dict[str, Profile] = {}
     snapshots: list[Snapshot] = []
     changes: list[dict[str, Any]] = []
@@ -280,12 +282,14 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             event = EVENT_ADAPTER.validate_python(shop.events[offset])
             assert not isinstance(event, UserDeleted)  # the generator deletes no one
             profile = profiles.setdefault(event.user_id, Profile(event.user_id))
+            learning.before_fold(profile, event.timestamp)
             updater.apply(profile, event, Position("replay", 0, offset))
+            learning.after_fold(profile)
             touched[event.user_id] = profile
             model.observe(event)
         live = {seg.id for seg in model.segments.values()}
-        for user, profile in touched.items():
-            model.learn_one(user, extract(profile), profile.last_ts)
+        for user, x, event_ts in learning.closed():
+            model.learn_one(user, x, event_ts)
         if not model.ready:
             pending.update(touched)
             continue

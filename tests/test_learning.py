@@ -1,0 +1,95 @@
+"""The model's sample: each active user once per window of event time, however the stream
+is cut into batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import ProfileSettings
+from schemas.events import EVENT_ADAPTER, ClickEvent, PurchaseEvent
+from worker.features import FeatureExtractor
+from worker.generator import generate
+from worker.learning import Learnable, LearningWindows
+from worker.profiles import MINUTE_MS, Position, Profile, ProfileUpdater
+
+HOUR = 60 * MINUTE_MS
+T0 = 1_790_000_000_000 // HOUR * HOUR  # on a window boundary
+
+
+def events_seen(profile: Profile) -> dict[str, float]:
+    return {"events": round(sum(profile.counts.values()), 3)}  # decay: a whisker under
+
+
+def view(user: str, ts: int) -> ClickEvent:
+    return ClickEvent(
+        event_id=f"{user}-{ts}",
+        event_type="page_view",
+        user_id=user,
+        timestamp=ts,  # type: ignore[arg-type]
+    )
+
+
+class Stream:
+    """Profiles folded from events, with the windows watching, as the worker does it."""
+
+    def __init__(self, minutes: float = 60, features=events_seen) -> None:  # type: ignore[no-untyped-def]
+        self.updater = ProfileUpdater(ProfileSettings(half_life_days=10_000))
+        self.windows = LearningWindows(minutes, features)
+        self.profiles: dict[str, Profile] = {}
+
+    def fold(self, events: list[ClickEvent | PurchaseEvent]) -> list[Learnable]:
+        """Fold a batch; what the windows it closed give to learn."""
+        for offset, event in enumerate(events):
+            profile = self.profiles.setdefault(event.user_id, Profile(event.user_id))
+            self.windows.before_fold(profile, event.timestamp)
+            self.updater.apply(profile, event, Position("t", 0, offset))
+            self.windows.after_fold(profile)
+        return list(self.windows.closed())
+
+
+def test_a_window_gives_each_user_once_from_their_last_event_in_it() -> None:
+    stream = Stream()
+    # "a" is active twice in the first hour and again in the second, before the first
+    # hour closes for the stream as a whole: "b" keeps the clock in the first hour.
+    first = stream.fold([view("a", T0), view("a", T0 + 10 * MINUTE_MS), view("b", T0 + 20)])
+    assert first == []
+    assert stream.fold([view("a", T0 + 70 * MINUTE_MS)]) == [
+        ("a", {"events": 2.0}, T0 + 10 * MINUTE_MS),  # as the first hour left it
+        ("b", {"events": 1.0}, T0 + 20),
+    ]
+    assert len(stream.windows) == 1  # "a" in the second hour, until it closes
+    assert stream.fold([view("b", T0 + 130 * MINUTE_MS)]) == [
+        ("a", {"events": 3.0}, T0 + 70 * MINUTE_MS)
+    ]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 500])
+def test_the_sample_does_not_depend_on_how_the_stream_is_cut(batch: int) -> None:
+    shop = generate(users=200, events=6_000, seed=3)
+    events: list[ClickEvent | PurchaseEvent] = [
+        EVENT_ADAPTER.validate_python(e)  # type: ignore[misc]
+        for e in shop.events
+    ]
+    features = FeatureExtractor(ProfileSettings())
+    whole = Stream(120, features).fold(events)
+    stream = Stream(120, features)
+    cut = [
+        x
+        for start in range(0, len(events), batch)
+        for x in stream.fold(events[start : start + batch])
+    ]
+    assert len(whole) > 500
+    assert cut == whole
+
+
+def test_a_deleted_user_is_not_learned() -> None:
+    stream = Stream()
+    stream.fold([view("a", T0), view("b", T0 + 1)])
+    stream.windows.forget("a")
+    assert [user for user, _, _ in stream.fold([view("b", T0 + 2 * HOUR)])] == ["b"]
+
+
+def test_nothing_is_learned_until_the_event_time_passes_the_window() -> None:
+    stream = Stream()
+    assert stream.fold([view("a", T0 + n * MINUTE_MS) for n in range(60)]) == []
+    assert [user for user, _, _ in stream.fold([view("b", T0 + HOUR)])] == ["a"]
