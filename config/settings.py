@@ -136,6 +136,7 @@ class ModelSettings(_Section):
     warmup_users: Annotated[int, Field(ge=10)] = 500
     # each active user is learned once per this much event time (worker/learning.py)
     learn_window_minutes: PositiveFloat = 120.0
+    learn_window_users: Annotated[int, Field(ge=1)] = 5000  # a sample of the busiest windows
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
     # membership: a user moves only when another centre is this much closer (relative)

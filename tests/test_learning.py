@@ -32,19 +32,19 @@ def view(user: str, ts: int) -> ClickEvent:
 class Stream:
     """Profiles folded from events, with the windows watching, as the worker does it."""
 
-    def __init__(self, minutes: float = 60, features=events_seen) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, minutes: float = 60, users: int = 10_000, features=events_seen) -> None:  # type: ignore[no-untyped-def]
         self.updater = ProfileUpdater(ProfileSettings(half_life_days=10_000))
-        self.windows = LearningWindows(minutes, features)
+        self.windows = LearningWindows(minutes, users, features)
         self.profiles: dict[str, Profile] = {}
 
-    def fold(self, events: list[ClickEvent | PurchaseEvent]) -> list[Learnable]:
-        """Fold a batch; what the windows it closed give to learn."""
+    def fold(self, events: list[ClickEvent | PurchaseEvent], take: int = 10**9) -> list[Learnable]:
+        """Fold a batch; what the windows it closed give to learn, up to `take`."""
         for offset, event in enumerate(events):
             profile = self.profiles.setdefault(event.user_id, Profile(event.user_id))
             self.windows.before_fold(profile, event.timestamp)
             self.updater.apply(profile, event, Position("t", 0, offset))
             self.windows.after_fold(profile)
-        return list(self.windows.closed())
+        return self.windows.take(take)
 
 
 def test_a_window_gives_each_user_once_from_their_last_event_in_it() -> None:
@@ -54,8 +54,8 @@ def test_a_window_gives_each_user_once_from_their_last_event_in_it() -> None:
     first = stream.fold([view("a", T0), view("a", T0 + 10 * MINUTE_MS), view("b", T0 + 20)])
     assert first == []
     assert stream.fold([view("a", T0 + 70 * MINUTE_MS)]) == [
+        ("b", {"events": 1.0}, T0 + 20),  # in the order of their last events in the hour
         ("a", {"events": 2.0}, T0 + 10 * MINUTE_MS),  # as the first hour left it
-        ("b", {"events": 1.0}, T0 + 20),
     ]
     assert len(stream.windows) == 1  # "a" in the second hour, until it closes
     assert stream.fold([view("b", T0 + 130 * MINUTE_MS)]) == [
@@ -71,8 +71,8 @@ def test_the_sample_does_not_depend_on_how_the_stream_is_cut(batch: int) -> None
         for e in shop.events
     ]
     features = FeatureExtractor(ProfileSettings())
-    whole = Stream(120, features).fold(events)
-    stream = Stream(120, features)
+    whole = Stream(120, features=features).fold(events)
+    stream = Stream(120, features=features)
     cut = [
         x
         for start in range(0, len(events), batch)
@@ -93,3 +93,21 @@ def test_nothing_is_learned_until_the_event_time_passes_the_window() -> None:
     stream = Stream()
     assert stream.fold([view("a", T0 + n * MINUTE_MS) for n in range(60)]) == []
     assert [user for user, _, _ in stream.fold([view("b", T0 + HOUR)])] == ["a"]
+
+
+def test_a_crowded_window_keeps_the_same_sample_whatever_the_order() -> None:
+    crowd = [view(f"u{n}", T0 + n) for n in range(50)]
+    later = view("z", T0 + HOUR)
+    learned = Stream(users=10).fold([*crowd, later])
+    backwards = Stream(users=10).fold([*crowd[::-1], later])
+    assert len(learned) == 10
+    assert {user for user, _, _ in backwards} == {user for user, _, _ in learned}
+
+
+def test_a_busy_window_is_handed_out_a_batch_at_a_time() -> None:
+    stream = Stream()
+    stream.fold([view(f"u{n}", T0 + n) for n in range(25)])
+    first = stream.fold([view("z", T0 + HOUR)], take=10)
+    assert len(first) == 10 and len(stream.windows) == 16  # 15 due, "z" in its window
+    rest = stream.fold([], take=100)
+    assert [user for user, _, _ in first + rest] == [f"u{n}" for n in range(25)]

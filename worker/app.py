@@ -110,7 +110,9 @@ class Worker:
             metrics.kafka_errors.labels(operation)
         self.updater = ProfileUpdater(settings.profile)
         self.features = FeatureExtractor(settings.profile)
-        self.learning = LearningWindows(settings.model.learn_window_minutes, self.features)
+        self.learning = LearningWindows(
+            settings.model.learn_window_minutes, settings.model.learn_window_users, self.features
+        )
         self.cache = ProfileCache(settings.profile.cache_size)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
@@ -392,18 +394,20 @@ class Worker:
         in one vectorized pass."""
         if not batch.profiles:
             return
-        self._learn()
+        self._learn(len(batch.profiles))
         if not self.model.ready:
             batch.pending.update(batch.profiles)
             return
         features = [self.features(profile) for profile in batch.profiles.values()]
         self._assign_all(batch, batch.profiles, features)
 
-    def _learn(self) -> None:
+    def _learn(self, budget: int) -> None:
+        """Learn from as many closed windows' profiles as the batch changed: no more than
+        the windows fill up with, and a busy window's learning spread over batches."""
         if not self.coordinator.leading:
             self.learning.clear()  # another worker trains: keep nothing for it
             return
-        for user_id, x, event_ts in self.learning.closed():
+        for user_id, x, event_ts in self.learning.take(budget):
             learned = self.coordinator.learn(user_id, x, event_ts)
             if learned.seeded or learned.adapted:
                 self._sync_now = True  # publish the new segments now, not at the next interval

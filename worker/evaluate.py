@@ -241,7 +241,9 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
     adopting the model moves them."""
     updater, extract = ProfileUpdater(settings.profile), FeatureExtractor(settings.profile)
     model = SegmentModel(settings.model)
-    learning = LearningWindows(settings.model.learn_window_minutes, extract)
+    learning = LearningWindows(
+        settings.model.learn_window_minutes, settings.model.learn_window_users, extract
+    )
     profiles: dict[str, Profile] = {}
     snapshots: list[Snapshot] = []
     changes: list[dict[str, Any]] = []
@@ -288,7 +290,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             touched[event.user_id] = profile
             model.observe(event)
         live = {seg.id for seg in model.segments.values()}
-        for user, x, event_ts in learning.closed():
+        for user, x, event_ts in learning.take(len(touched)):
             model.learn_one(user, x, event_ts)
         if not model.ready:
             pending.update(touched)

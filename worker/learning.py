@@ -7,14 +7,23 @@ model settled in a worse optimum (in the replay, ARI 0.765 in batches of 500 eve
 against 0.852 in batches of 1,500; README, Evaluation). Here the sample depends on event
 time alone: windows of `model.learn_window_minutes` tumble on event time; each user active
 in a window is learned once, from their profile as of their last event in it, when the
-watermark (the latest event time applied) passes the window's end. Poll batches, the
-interleaving of partitions and the shop's traffic change when that happens, not what is
-learned.
+watermark (the latest event time applied) passes the window's end, in the order of those
+last events. Poll batches, the interleaving of partitions and the shop's traffic change
+when that happens, not what is learned.
+
+A window keeps at most `model.learn_window_users` users, those whose ids hash lowest (a
+bottom-k sample: uniform, and the same whatever order the users come in), so memory is
+bounded however many shoppers a window brings. What closes is handed out a batch's worth
+at a time (`take`), so a busy window does not stall one poll batch with all its learning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import heapq
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from worker.profiles import MINUTE_MS, Profile
 
@@ -22,54 +31,85 @@ Features = Callable[[Profile], dict[str, float]]
 Learnable = tuple[str, dict[str, float], int]  # user id, features, event time
 
 
+@dataclass(slots=True)
+class _Window:
+    """The users of one window: their live profile, or what it was when the window ended
+    for a user whose later events are already folded in."""
+
+    members: dict[str, Profile | Learnable] = field(default_factory=dict)
+    highest: list[tuple[int, str]] = field(default_factory=list)  # heap of (-hash, id)
+
+
 class LearningWindows:
-    def __init__(self, minutes: float, features: Features) -> None:
+    def __init__(self, minutes: float, max_users: int, features: Features) -> None:
         self._width = max(int(minutes * MINUTE_MS), 1)
+        self._max_users = max_users
         self._features = features
-        # per open window, its users: the live profile, or what it was when the window
-        # ended for a user whose later events are already folded in
-        self._open: dict[int, dict[str, Profile | Learnable]] = {}
-        self._window_of: dict[str, int] = {}
+        self._open: dict[int, _Window] = {}
+        self._window_of: dict[str, int] = {}  # the window each member is in
         self._watermark = 0
+        self._due: deque[Learnable] = deque()
 
     def before_fold(self, profile: Profile, event_ts: int) -> None:
         """Call before folding an event in: if it starts a later window for this user,
         keep what the profile was at the end of the one still open."""
         window = self._window_of.get(profile.user_id)
         if window is not None and window < self._window(max(event_ts, profile.last_ts)):
-            members = self._open.get(window)
-            if members is not None:
-                members[profile.user_id] = self._learnable(profile)
+            self._open[window].members[profile.user_id] = self._learnable(profile)
+            del self._window_of[profile.user_id]
 
     def after_fold(self, profile: Profile) -> None:
         """Call after folding: the user is active in the window of their profile's clock."""
-        window = self._window(profile.last_ts)
-        self._window_of[profile.user_id] = window
-        self._open.setdefault(window, {})[profile.user_id] = profile  # the cache may reload it
+        user_id, window = profile.user_id, self._window(profile.last_ts)
         self._watermark = max(self._watermark, profile.last_ts)
+        members = self._open.setdefault(window, _Window())
+        if user_id in members.members:
+            members.members[user_id] = profile  # the cache may have reloaded it
+            self._window_of[user_id] = window
+            return
+        rank = -zlib.crc32(user_id.encode())
+        if len(members.members) >= self._max_users:
+            if rank <= members.highest[0][0]:
+                return  # hashes higher than every member's: not in the sample
+            _, evicted = heapq.heapreplace(members.highest, (rank, user_id))
+            del members.members[evicted]
+            if self._window_of.get(evicted) == window:
+                del self._window_of[evicted]
+        else:
+            heapq.heappush(members.highest, (rank, user_id))
+        members.members[user_id] = profile
+        self._window_of[user_id] = window
 
-    def closed(self) -> Iterator[Learnable]:
-        """What to learn from the windows the watermark has passed, oldest first."""
+    def take(self, n: int) -> list[Learnable]:
+        """Up to `n` profiles to learn from, oldest window first, from the windows the
+        watermark has passed."""
         current = self._window(self._watermark)
         for window in sorted(w for w in self._open if w < current):
-            for user_id, member in self._open.pop(window).items():
+            members = self._open.pop(window).members
+            for user_id in [u for u, m in members.items() if not isinstance(m, tuple)]:
                 if self._window_of.get(user_id) == window:
                     del self._window_of[user_id]
-                yield member if isinstance(member, tuple) else self._learnable(member)
+            closed = [m if isinstance(m, tuple) else self._learnable(m) for m in members.values()]
+            self._due.extend(sorted(closed, key=lambda learnable: (learnable[2], learnable[0])))
+        return [self._due.popleft() for _ in range(min(n, len(self._due)))]
 
     def forget(self, user_id: str) -> None:
         """A deleted user: learn nothing more of them."""
         self._window_of.pop(user_id, None)
-        for members in self._open.values():
-            members.pop(user_id, None)
+        for window in self._open.values():
+            if window.members.pop(user_id, None) is not None:
+                window.highest = [(r, u) for r, u in window.highest if u != user_id]
+                heapq.heapify(window.highest)
+        self._due = deque(learnable for learnable in self._due if learnable[0] != user_id)
 
     def clear(self) -> None:
         self._open.clear()
         self._window_of.clear()
+        self._due.clear()
 
     def __len__(self) -> int:
-        """Users waiting in open windows."""
-        return sum(map(len, self._open.values()))
+        """Users waiting: in open windows, or closed and not yet handed out."""
+        return sum(len(w.members) for w in self._open.values()) + len(self._due)
 
     def _window(self, ts: int) -> int:
         return ts // self._width
