@@ -218,6 +218,24 @@ def test_periodic_refits_keep_to_event_time_not_to_profiles_learned() -> None:
     assert segments_of(model, ids) == ids
 
 
+def test_a_drifts_refit_counts_only_profiles_from_after_the_detection() -> None:
+    """Where the refit falls must not depend on how far learning lags the events (the
+    windows of `learning.py` close after the fact): profiles as of before the detection's
+    event time do not count toward `adapt_after`, and the count survives a checkpoint."""
+    model, _ = seeded([0.0, 4.0, 8.0], adapt_after=50)
+    state = model.to_state() | {"adapt_in": 50, "adapt_from": 5_000}
+    settings = ModelSettings(
+        n_clusters=3, warmup_users=300, reservoir_size=300, adapt_after=50, settle_days=0
+    )
+    model = SegmentModel.from_state(settings, state)
+    points = groups(40, [0.0, 4.0, 8.0], random.Random(3))
+    before = [model.learn_one(f"b{i}", x, 4_000 + i) for i, x in enumerate(points[:100])]
+    assert not any(learned.adapted for learned in before) and model.version == 1
+    after = [model.learn_one(f"a{i}", x, 5_000 + i) for i, x in enumerate(points[:50])]
+    assert [learned.adapted for learned in after] == [False] * 49 + [True]
+    assert model.version == 2
+
+
 def test_refits_refine_the_partition_instead_of_redrawing_it() -> None:
     """Two segments over three equal groups: either pairing of the middle group is a local
     optimum. Refits on fresh draws must leave each group with the id it had (a k-means++
@@ -321,7 +339,7 @@ def test_after_a_drift_refit_it_looks_again_for_a_group_still_arriving() -> None
     # the drift's refit comes while the newcomers are too few to count (1 %)
     learn(groups(99, [0.0, 4.0, 8.0], rng) + groups(3, [16.0], rng))
     model.lifecycle.clear()
-    model.adapt(2000)
+    model.adapt(1000 + next(learned))
     assert len(model.segments) == 3 and model.lifecycle == []
     version = model.version
     # a look that finds nothing new leaves the segments as they are

@@ -12,10 +12,11 @@ The model of record is River: a `StandardScaler` learns the population online an
   named from its centroid in original units compared with the population.
 * Adaptation. The model keeps a reservoir of the latest profile of each of the last
   `reservoir_size` users it learned from. When a detector (`drift.py`) fires, it waits
-  for `adapt_after` more profiles, then refits the centres on the reservoir; every
-  `refit_days` of event time it refits them too (same k), so River's wandering centres
-  are re-anchored. The cadence is event time, not profiles learned: how many profiles
-  a day brings depends on the shop's traffic and the worker's batching, and a replay
+  for `adapt_after` more profiles of shoppers' behaviour since the detection (by event
+  time, so where the refit falls does not depend on batching), then refits the centres
+  on the reservoir; every `refit_days` of event time it refits them too (same k), so
+  River's wandering centres are re-anchored. The cadence is event time, not profiles
+  learned: how many profiles a day brings depends on the shop's traffic, and a replay
   must refit where the live run did. A refit runs Lloyd's iterations from each id's
   anchor (and from an emerging group's centre), not a fresh k-means++ draw: each
   centre moves to the data around what its id meant, where a redraw lands in another
@@ -138,6 +139,7 @@ class SegmentModel:
         self.detectors = Detectors(settings)
         self.lifecycle: list[SegmentLifecycle] = []  # not yet published
         self._adapt_in: int | None = None  # learned profiles until a drift's refit
+        self._adapt_from = 0  # event time from which learned profiles count toward it
         self._looks = 0  # follow-up looks for an emerging group left after a drift's refit
         self._candidate: dict[str, float] | None = None  # the group the last look found
         self._seeded_at = 0  # event time of the first seeding
@@ -167,7 +169,7 @@ class SegmentModel:
         drifts = tuple(self.detectors.update(z, index, distance))
         self._drifted(drifts, event_ts)
         detail = "; ".join(self.detectors.describe(detector) for detector in drifts)
-        if self._adapt_in is not None:
+        if self._adapt_in is not None and event_ts >= self._adapt_from:
             self._adapt_in -= 1
         drifted = self._adapt_in == 0
         due = (
@@ -192,7 +194,7 @@ class SegmentModel:
         for detector in detectors:
             self.lifecycle.append(self._event("drift_detected", event_ts, detector=detector))
         if detectors and self._adapt_in is None and self._settings.adaptation:
-            self._adapt_in = self._settings.adapt_after
+            self._adapt_in, self._adapt_from = self._settings.adapt_after, event_ts
 
     def ids_ever(self) -> set[str]:
         """Every id this model's line has given out, live or retired (ids are numbered)."""
@@ -356,6 +358,7 @@ class SegmentModel:
             if not persists:
                 self._looks -= 1
                 self._adapt_in = self._settings.adapt_after if self._looks else None
+                self._adapt_from = event_ts
                 return False
         start = [*survivors.values(), *([emerging] if emerging is not None else [])]
         fit = self._refine(points, np.array(start))
@@ -383,7 +386,8 @@ class SegmentModel:
         self.detectors.segments_changed()
         self._looks = self._settings.growth_looks if follow_up else 0
         self._adapt_in = self._settings.adapt_after if self._looks else None
-        self._refitted_at, self._candidate = event_ts, None
+        self._adapt_from = self._refitted_at = event_ts
+        self._candidate = None
         return True
 
     def _persists(self, emerging: np.ndarray) -> bool:
@@ -515,6 +519,7 @@ class SegmentModel:
             "reference": rows(self.reference),
             "reservoir": rows(list(self.reservoir.values())),
             "adapt_in": self._adapt_in,
+            "adapt_from": self._adapt_from,
             "looks": self._looks,
             "refitted_at": self._refitted_at,
             "seeded_at": self._seeded_at,
@@ -556,6 +561,7 @@ class SegmentModel:
         model.revision = int(state["revision"])
         model._next_id = int(state["next_id"])
         model._adapt_in = state["adapt_in"]
+        model._adapt_from = int(state.get("adapt_from", 0))  # absent before 2026-12-02
         model._looks = int(state.get("looks", 0))  # absent from checkpoints before the looks
         model._seeded_at = int(state["seeded_at"])
         # absent from checkpoints made before the cadence was event time: one refit soon
