@@ -43,7 +43,7 @@ class Stream:
             profile = self.profiles.setdefault(event.user_id, Profile(event.user_id))
             self.windows.before_fold(profile, event.timestamp)
             self.updater.apply(profile, event, Position("t", 0, offset))
-            self.windows.after_fold(profile)
+            self.windows.after_fold(profile, event.timestamp, ("t", 0))
         return self.windows.take(take)
 
 
@@ -111,3 +111,29 @@ def test_a_busy_window_is_handed_out_a_batch_at_a_time() -> None:
     assert len(first) == 10 and len(stream.windows) == 16  # 15 due, "z" in its window
     rest = stream.fold([], take=100)
     assert [user for user, _, _ in first + rest] == [f"u{n}" for n in range(25)]
+
+
+def test_a_window_closes_when_every_partition_has_passed_it() -> None:
+    now = [0.0]
+    windows = LearningWindows(60, 100, events_seen, idle_s=5, clock=lambda: now[0])
+    updater, profiles = ProfileUpdater(ProfileSettings()), {}
+
+    def fold(event: ClickEvent, partition: int) -> list[str]:
+        profile = profiles.setdefault(event.user_id, Profile(event.user_id))
+        windows.before_fold(profile, event.timestamp)
+        updater.apply(profile, event, Position("t", partition, 0))
+        windows.after_fold(profile, event.timestamp, ("t", partition))
+        return [user for user, _, _ in windows.take(100)]
+
+    assert fold(view("a", T0), 0) == []
+    assert fold(view("b", T0 + 3 * HOUR), 1) == []  # partition 0 is still in the first hour
+    assert fold(view("c", T0 + 5 * MINUTE_MS), 0) == []
+    assert fold(view("d", T0 + 2 * HOUR), 0) == ["a", "c"]  # both partitions past it
+    now[0] = 10.0  # partition 1 has been quiet for longer than idle_s: it holds nothing
+    assert fold(view("e", T0 + 3 * HOUR), 0) == ["d"]
+    # a late event (partition 1 comes back with the first hour) counts in the oldest
+    # window still open, so it is learned, once, when that one closes
+    assert fold(view("f", T0 + 10 * MINUTE_MS), 1) == []
+    assert windows.watermark() == T0 + 3 * HOUR  # a partition's clock does not go back
+    assert fold(view("g", T0 + 5 * HOUR), 1) == []
+    assert fold(view("h", T0 + 5 * HOUR), 0) == ["f", "b", "e"]

@@ -267,6 +267,7 @@ class Worker:
             batch.assigned_pending.update(mine)
 
     def _forget_partitions(self, partitions: set[tuple[str, int]]) -> None:
+        self.learning.forget_partitions(partitions)
         for tp in partitions:
             self._expected.pop(tp, None)
         dropped = self.cache.drop_partitions(partitions)
@@ -373,7 +374,9 @@ class Worker:
             batch.tally[("skipped", "duplicate_event_id")] += 1
             return False
         if training:
-            self.learning.after_fold(profile)
+            self.learning.after_fold(
+                profile, event.timestamp, (item.position.topic, item.position.partition)
+            )
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1

@@ -286,7 +286,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             profile = profiles.setdefault(event.user_id, Profile(event.user_id))
             learning.before_fold(profile, event.timestamp)
             updater.apply(profile, event, Position("replay", 0, offset))
-            learning.after_fold(profile)
+            learning.after_fold(profile, event.timestamp, ("replay", 0))
             touched[event.user_id] = profile
             model.observe(event)
         live = {seg.id for seg in model.segments.values()}

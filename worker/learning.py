@@ -7,9 +7,17 @@ model settled in a worse optimum (in the replay, ARI 0.765 in batches of 500 eve
 against 0.852 in batches of 1,500; README, Evaluation). Here the sample depends on event
 time alone: windows of `model.learn_window_minutes` tumble on event time; each user active
 in a window is learned once, from their profile as of their last event in it, when the
-watermark (the latest event time applied) passes the window's end, in the order of those
-last events. Poll batches, the interleaving of partitions and the shop's traffic change
-when that happens, not what is learned.
+watermark passes the window's end, in the order of those last events. Poll batches, the
+interleaving of partitions and the shop's traffic change when that happens, not what is
+learned.
+
+The watermark is the event time every input partition has reached: the least of the
+partitions' latest event times, as a stream processor takes it. A worker that keeps up
+reads a run of one partition before the next, so the latest event time of any one of them
+can be hours ahead of the others (a window closed on it would miss the others' events).
+A partition that has delivered nothing for `idle_s` seconds (a quiet purchases partition,
+a stalled one) holds nothing back; an event that comes after its window closed counts
+in the oldest window still open.
 
 A window keeps at most `model.learn_window_users` users, those whose ids hash lowest (a
 bottom-k sample: uniform, and the same whatever order the users come in), so memory is
@@ -20,6 +28,7 @@ at a time (`take`), so a busy window does not stall one poll batch with all its 
 from __future__ import annotations
 
 import heapq
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -41,13 +50,22 @@ class _Window:
 
 
 class LearningWindows:
-    def __init__(self, minutes: float, max_users: int, features: Features) -> None:
+    def __init__(
+        self,
+        minutes: float,
+        max_users: int,
+        features: Features,
+        idle_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._width = max(int(minutes * MINUTE_MS), 1)
         self._max_users = max_users
         self._features = features
+        self._idle_s, self._clock = idle_s, clock
         self._open: dict[int, _Window] = {}
         self._window_of: dict[str, int] = {}  # the window each member is in
-        self._watermark = 0
+        self._closed_before = 0  # windows below this one have closed
+        self._partitions: dict[tuple[str, int], tuple[int, float]] = {}  # latest ts, heard at
         self._due: deque[Learnable] = deque()
 
     def before_fold(self, profile: Profile, event_ts: int) -> None:
@@ -58,10 +76,12 @@ class LearningWindows:
             self._open[window].members[profile.user_id] = self._learnable(profile)
             del self._window_of[profile.user_id]
 
-    def after_fold(self, profile: Profile) -> None:
+    def after_fold(self, profile: Profile, event_ts: int, partition: tuple[str, int]) -> None:
         """Call after folding: the user is active in the window of their profile's clock."""
-        user_id, window = profile.user_id, self._window(profile.last_ts)
-        self._watermark = max(self._watermark, profile.last_ts)
+        latest, _ = self._partitions.get(partition, (event_ts, 0.0))
+        self._partitions[partition] = (max(latest, event_ts), self._clock())
+        user_id = profile.user_id
+        window = max(self._window(profile.last_ts), self._closed_before)
         members = self._open.setdefault(window, _Window())
         if user_id in members.members:
             members.members[user_id] = profile  # the cache may have reloaded it
@@ -83,7 +103,7 @@ class LearningWindows:
     def take(self, n: int) -> list[Learnable]:
         """Up to `n` profiles to learn from, oldest window first, from the windows the
         watermark has passed."""
-        current = self._window(self._watermark)
+        current = self._closed_before = max(self._window(self.watermark()), self._closed_before)
         for window in sorted(w for w in self._open if w < current):
             members = self._open.pop(window).members
             for user_id in [u for u, m in members.items() if not isinstance(m, tuple)]:
@@ -92,6 +112,17 @@ class LearningWindows:
             closed = [m if isinstance(m, tuple) else self._learnable(m) for m in members.values()]
             self._due.extend(sorted(closed, key=lambda learnable: (learnable[2], learnable[0])))
         return [self._due.popleft() for _ in range(min(n, len(self._due)))]
+
+    def watermark(self) -> int:
+        """The event time every partition heard from in the last `idle_s` has reached."""
+        now = self._clock()
+        heard = [ts for ts, at in self._partitions.values() if now - at <= self._idle_s]
+        return min(heard, default=max((ts for ts, _ in self._partitions.values()), default=0))
+
+    def forget_partitions(self, partitions: set[tuple[str, int]]) -> None:
+        """Revoked partitions hold nothing back any more."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)
 
     def forget(self, user_id: str) -> None:
         """A deleted user: learn nothing more of them."""
@@ -105,6 +136,7 @@ class LearningWindows:
     def clear(self) -> None:
         self._open.clear()
         self._window_of.clear()
+        self._partitions.clear()
         self._due.clear()
 
     def __len__(self) -> int:
