@@ -37,30 +37,33 @@ class Stream:
         self.windows = LearningWindows(minutes, users, features)
         self.profiles: dict[str, Profile] = {}
 
-    def fold(self, events: list[ClickEvent | PurchaseEvent], take: int = 10**9) -> list[Learnable]:
-        """Fold a batch; what the windows it closed give to learn, up to `take`."""
+    def fold(
+        self, events: list[ClickEvent | PurchaseEvent], take: int = 10**9, partition: int = 0
+    ) -> list[Learnable]:
+        """Fold a batch from one partition; what became final to learn, up to `take`."""
         for offset, event in enumerate(events):
             profile = self.profiles.setdefault(event.user_id, Profile(event.user_id))
             self.windows.before_fold(profile, event.timestamp)
-            self.updater.apply(profile, event, Position("t", 0, offset))
-            self.windows.after_fold(profile, event.timestamp, ("t", 0))
+            self.updater.apply(profile, event, Position("t", partition, offset))
+            self.windows.after_fold(profile, event.timestamp, ("t", partition))
         return self.windows.take(take)
 
 
 def test_a_window_gives_each_user_once_from_their_last_event_in_it() -> None:
     stream = Stream()
-    # "a" is active twice in the first hour and again in the second, before the first
-    # hour closes for the stream as a whole: "b" keeps the clock in the first hour.
-    first = stream.fold([view("a", T0), view("a", T0 + 10 * MINUTE_MS), view("b", T0 + 20)])
-    assert first == []
+    # "a" (partition 0) is active twice in the first hour, then in the second; "b"
+    # (partition 1) keeps the watermark in the first hour
+    assert stream.fold([view("a", T0), view("a", T0 + 10 * MINUTE_MS)]) == []
+    assert stream.fold([view("b", T0 + 20)], partition=1) == []
+    # a's next event shows a's first hour is over: learned now, as that hour left it
     assert stream.fold([view("a", T0 + 70 * MINUTE_MS)]) == [
-        ("b", {"events": 1.0}, T0 + 20),  # in the order of their last events in the hour
-        ("a", {"events": 2.0}, T0 + 10 * MINUTE_MS),  # as the first hour left it
+        ("a", {"events": 2.0}, T0 + 10 * MINUTE_MS)
     ]
-    assert len(stream.windows) == 1  # "a" in the second hour, until it closes
-    assert stream.fold([view("b", T0 + 130 * MINUTE_MS)]) == [
-        ("a", {"events": 3.0}, T0 + 70 * MINUTE_MS)
+    # b's partition passes the hour: the window closes, b is learned, not a again
+    assert stream.fold([view("c", T0 + 65 * MINUTE_MS)], partition=1) == [
+        ("b", {"events": 1.0}, T0 + 20)
     ]
+    assert len(stream.windows) == 2  # "a" and "c" in the second hour, until it closes
 
 
 @pytest.mark.parametrize("batch", [1, 7, 500])

@@ -6,10 +6,11 @@ the middle of a session was learned several times from half-finished sessions, a
 model settled in a worse optimum (in the replay, ARI 0.765 in batches of 500 events
 against 0.852 in batches of 1,500; README, Evaluation). Here the sample depends on event
 time alone: windows of `model.learn_window_minutes` tumble on event time; each user active
-in a window is learned once, from their profile as of their last event in it, when the
-watermark passes the window's end, in the order of those last events. Poll batches, the
-interleaving of partitions and the shop's traffic change when that happens, not what is
-learned.
+in a window is learned once, from their profile as of their last event in it, as soon as
+that profile is final: at the user's next event if it falls in a later window, else when
+the watermark passes the window's end (the quiet users, in the order of their last
+events). Poll batches, the interleaving of partitions and the shop's traffic change when
+that happens, not what is learned.
 
 The watermark is the event time every input partition has reached: the least of the
 partitions' latest event times, as a stream processor takes it. A worker that keeps up
@@ -21,8 +22,8 @@ in the oldest window still open.
 
 A window keeps at most `model.learn_window_users` users, those whose ids hash lowest (a
 bottom-k sample: uniform, and the same whatever order the users come in), so memory is
-bounded however many shoppers a window brings. What closes is handed out a batch's worth
-at a time (`take`), so a busy window does not stall one poll batch with all its learning.
+bounded however many shoppers a window brings. What is final is handed out a batch's
+worth at a time (`take`), so a busy window does not stall one poll batch.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ Learnable = tuple[str, dict[str, float], int]  # user id, features, event time
 
 @dataclass(slots=True)
 class _Window:
-    """The users of one window: their live profile, or what it was when the window ended
-    for a user whose later events are already folded in."""
+    """The users of one window: their live profile, or None once a later event showed
+    their part of the window was over (and they were learned then)."""
 
-    members: dict[str, Profile | Learnable] = field(default_factory=dict)
+    members: dict[str, Profile | None] = field(default_factory=dict)  # None: learned
     highest: list[tuple[int, str]] = field(default_factory=list)  # heap of (-hash, id)
 
 
@@ -70,11 +71,12 @@ class LearningWindows:
 
     def before_fold(self, profile: Profile, event_ts: int) -> None:
         """Call before folding an event in: if it starts a later window for this user,
-        keep what the profile was at the end of the one still open."""
+        what the profile was at the end of the one still open is final: learn it now."""
         window = self._window_of.get(profile.user_id)
         if window is not None and window < self._window(max(event_ts, profile.last_ts)):
-            self._open[window].members[profile.user_id] = self._learnable(profile)
+            self._open[window].members[profile.user_id] = None
             del self._window_of[profile.user_id]
+            self._due.append(self._learnable(profile))
 
     def after_fold(self, profile: Profile, event_ts: int, partition: tuple[str, int]) -> None:
         """Call after folding: the user is active in the window of their profile's clock."""
@@ -99,19 +101,28 @@ class LearningWindows:
             heapq.heappush(members.highest, (rank, user_id))
         members.members[user_id] = profile
         self._window_of[user_id] = window
+        self._close()
 
     def take(self, n: int) -> list[Learnable]:
-        """Up to `n` profiles to learn from, oldest window first, from the windows the
-        watermark has passed."""
-        current = self._closed_before = max(self._window(self.watermark()), self._closed_before)
+        """Up to `n` profiles to learn from, in the order they became final."""
+        self._close()  # a partition may have gone quiet since the last event
+        return [self._due.popleft() for _ in range(min(n, len(self._due)))]
+
+    def _close(self) -> None:
+        """Windows the watermark has passed: their users not learned yet are, in the
+        order of their last events."""
+        current = self._window(self.watermark())
+        if current <= self._closed_before:
+            return
+        self._closed_before = current
         for window in sorted(w for w in self._open if w < current):
             members = self._open.pop(window).members
-            for user_id in [u for u, m in members.items() if not isinstance(m, tuple)]:
-                if self._window_of.get(user_id) == window:
-                    del self._window_of[user_id]
-            closed = [m if isinstance(m, tuple) else self._learnable(m) for m in members.values()]
-            self._due.extend(sorted(closed, key=lambda learnable: (learnable[2], learnable[0])))
-        return [self._due.popleft() for _ in range(min(n, len(self._due)))]
+            quiet = [profile for profile in members.values() if profile is not None]
+            for profile in quiet:
+                if self._window_of.get(profile.user_id) == window:
+                    del self._window_of[profile.user_id]
+            closed = sorted(quiet, key=lambda profile: (profile.last_ts, profile.user_id))
+            self._due.extend(map(self._learnable, closed))
 
     def watermark(self) -> int:
         """The event time every partition heard from in the last `idle_s` has reached."""
