@@ -163,11 +163,12 @@ class Worker:
                     last_event = time.monotonic()
                 if records:
                     self.totals += self.process(records)
-                elif (
-                    stop_after_idle is not None and time.monotonic() - last_event > stop_after_idle
-                ):
-                    log.info("no new event for %.0fs; stopping", stop_after_idle)
-                    break
+                else:
+                    self._learn(len(self.learning))  # idle: nothing waits on learning now
+                    idle = time.monotonic() - last_event
+                    if stop_after_idle is not None and idle > stop_after_idle:
+                        log.info("no new event for %.0fs; stopping", stop_after_idle)
+                        break
                 self._housekeeping()
             self.sync()
             self.coordinator.release()
@@ -293,7 +294,7 @@ class Worker:
             elif self._apply(batch, item):
                 applied.append(item.event)
         self._observe(applied)
-        self._segment(batch)
+        self._segment(batch, len(applied))
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
         self.outbox.flush()
@@ -391,13 +392,13 @@ class Worker:
             if drifted is not None:
                 self.report_drift("events", drifted, event.timestamp)
 
-    def _segment(self, batch: BatchWrite) -> None:
-        """Learn from the windows of event time the batch closed (`learning.py`), then
+    def _segment(self, batch: BatchWrite, events: int) -> None:
+        """Learn from the profiles that became final for their window (`learning.py`), then
         re-segment every user whose profile the batch changed, from their latest profile,
         in one vectorized pass."""
         if not batch.profiles:
             return
-        self._learn(len(batch.profiles))
+        self._learn(events)
         if not self.model.ready:
             batch.pending.update(batch.profiles)
             return
@@ -405,8 +406,9 @@ class Worker:
         self._assign_all(batch, batch.profiles, features)
 
     def _learn(self, budget: int) -> None:
-        """Learn from as many closed windows' profiles as the batch changed: no more than
-        the windows fill up with, and a busy window's learning spread over batches."""
+        """Learn from at most `budget` profiles that became final: a batch learns no more
+        than its events (each profile learned took one at least), so a busy window's
+        learning is spread over batches; an idle worker learns whatever waits."""
         if not self.coordinator.leading:
             self.learning.clear()  # another worker trains: keep nothing for it
             return

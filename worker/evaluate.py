@@ -290,7 +290,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             touched[event.user_id] = profile
             model.observe(event)
         live = {seg.id for seg in model.segments.values()}
-        for user, x, event_ts in learning.take(len(touched)):
+        for user, x, event_ts in learning.take(stop - start):
             model.learn_one(user, x, event_ts)
         if not model.ready:
             pending.update(touched)
