@@ -3,6 +3,8 @@ is cut into batches."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 from config.settings import ProfileSettings
@@ -140,3 +142,18 @@ def test_a_window_closes_when_every_partition_has_passed_it() -> None:
     assert windows.watermark() == T0 + 3 * HOUR  # a partition's clock does not go back
     assert fold(view("g", T0 + 5 * HOUR), 1) == []
     assert fold(view("h", T0 + 5 * HOUR), 0) == ["f", "b", "e"]
+
+
+def test_forgetting_a_user_already_learned_keeps_the_sample_whole() -> None:
+    def crc(user: str) -> int:
+        return zlib.crc32(user.encode())
+
+    ids = sorted((f"u{n}" for n in range(200)), key=crc)
+    low, gone = ids[:20], ids[-1]  # the one forgotten hashes highest: first to be evicted
+    stream = Stream(users=3)
+    stream.fold([view(low[0], T0), view(low[1], T0 + 1)], partition=1)  # holds the watermark
+    stream.fold([view(gone, T0 + 2), view(gone, T0 + HOUR + 3)])  # its first hour: learned
+    stream.windows.forget(gone)
+    stream.fold([view(user, T0 + 10 + n) for n, user in enumerate(low[2:])], partition=1)
+    closed = stream.fold([view("z", T0 + 3 * HOUR)], partition=1)
+    assert [user for user, _, _ in closed] == low[:3]  # the sample: the three lowest hashes

@@ -94,7 +94,7 @@ class LearningWindows:
             if rank <= members.highest[0][0]:
                 return  # hashes higher than every member's: not in the sample
             _, evicted = heapq.heapreplace(members.highest, (rank, user_id))
-            del members.members[evicted]
+            members.members.pop(evicted, None)
             if self._window_of.get(evicted) == window:
                 del self._window_of[evicted]
         else:
@@ -139,7 +139,8 @@ class LearningWindows:
         """A deleted user: learn nothing more of them."""
         self._window_of.pop(user_id, None)
         for window in self._open.values():
-            if window.members.pop(user_id, None) is not None:
+            if user_id in window.members:
+                del window.members[user_id]
                 window.highest = [(r, u) for r, u in window.highest if u != user_id]
                 heapq.heapify(window.highest)
         self._due = deque(learnable for learnable in self._due if learnable[0] != user_id)
