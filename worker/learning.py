@@ -81,7 +81,10 @@ class LearningWindows:
     def after_fold(self, profile: Profile, event_ts: int, partition: tuple[str, int]) -> None:
         """Call after folding: the user is active in the window of their profile's clock."""
         latest, _ = self._partitions.get(partition, (event_ts, 0.0))
-        self._partitions[partition] = (max(latest, event_ts), self._clock())
+        latest = max(latest, event_ts)
+        self._partitions[partition] = (latest, self._clock())
+        if self._window(latest) > self._closed_before:  # else the watermark cannot have moved on
+            self._close()
         user_id = profile.user_id
         window = max(self._window(profile.last_ts), self._closed_before)
         members = self._open.setdefault(window, _Window())
@@ -101,7 +104,6 @@ class LearningWindows:
             heapq.heappush(members.highest, (rank, user_id))
         members.members[user_id] = profile
         self._window_of[user_id] = window
-        self._close()
 
     def take(self, n: int) -> list[Learnable]:
         """Up to `n` profiles to learn from, in the order they became final."""
