@@ -407,18 +407,27 @@ def evaluate(
             "deterministic and faster, for trying model changes.",
         ),
     ] = False,
+    cut: Annotated[
+        int | None,
+        typer.Option(
+            help="With --replay: cut the shop into batches as a worker's fetches might "
+            "(partition runs, the shop 5,000 events ahead), reproducibly by this seed.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a generated shop through the pipeline; score segments, stability and drift."""
     from worker.embedded import servers
     from worker.evaluate import Evaluation, rows
 
+    if cut is not None and not replay:
+        raise typer.BadParameter("a cut is a way of replaying: add --replay", param_hint="--cut")
     settings = _settings(config)
     logging.getLogger("worker").setLevel(logging.WARNING)
     evaluation = partial(Evaluation, users=users, events=events, seed=seed, drifts=drifts)
     with console.status("generating and segmenting the shop"):
         if replay:
-            figures = evaluation(settings, replay=True).run()
+            figures = evaluation(settings, replay=True, cut=cut).run()
         else:
             with servers(settings, embedded) as (where, _, _):
                 figures = evaluation(where).run()

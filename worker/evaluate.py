@@ -28,11 +28,14 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import random
 import threading
 import uuid
-from collections import Counter, defaultdict
+import zlib
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -96,6 +99,7 @@ class Evaluation:
     seed: int = 7
     drifts: bool = True
     replay: bool = False  # the model and profile code alone, without Kafka and Redis
+    cut: int | None = None  # a replay cut as fetched, by this seed (`Cut`)
 
     def run(self) -> dict[str, Any]:
         settings = self._own_topics()
@@ -106,8 +110,10 @@ class Evaluation:
         first = int(np.searchsorted(times, onset)) if onset is not None else len(times)
         marks = [at for at in (first, first + RECOVERY_EVENTS) if at < len(times)]
         with settled_gc():  # the worker or the replay runs here: freeze the shop's events too
-            run = replay if self.replay else self._pipeline
-            outcome = run(settings, shop, marks)
+            if self.replay:
+                outcome = replay(settings, shop, marks, Cut(self.cut))
+            else:
+                outcome = self._pipeline(settings, shop, marks)
         return {
             "scenario": {
                 "users": len(shop.truth),
@@ -115,7 +121,7 @@ class Evaluation:
                 "personas": len(set(shop.truth.values())),
                 "drifts": {name: at for name, at in shop.drifts.items()},
                 "applied": outcome.applied,
-                "through": "replay" if self.replay else "pipeline",
+                "through": self._through,
             },
             "quality": quality(settings, shop.truth, outcome.end.segments, outcome.end.profiles),
             "stability": stability(
@@ -125,6 +131,12 @@ class Evaluation:
             "drift": drift_response(shop, times, outcome.lifecycle, settings.model.settle_days),
             "segments": composition(shop.truth, outcome.end.segments),
         }
+
+    @property
+    def _through(self) -> str:
+        if not self.replay:
+            return "pipeline"
+        return "replay" if self.cut is None else f"replay cut as fetched (seed {self.cut})"
 
     def _pipeline(self, settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
         """Through the real pipeline: produced to the broker while an in-process worker
@@ -225,14 +237,65 @@ def read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:
 
 
 REPLAY_BATCH = 1500  # events per batch of the replay: about a poll batch of the pipeline
+FETCHED_RECORDS = 500  # a cut replay's most records of one partition per poll
+POLL_S = 0.05  # a cut replay's poll period, for the learning windows' idle partitions
 
 
-def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
-    """The shop through the profile and model code alone, in exact event-time order and
-    batches of `REPLAY_BATCH` events: no broker, no Redis, no worker. Deterministic and
-    several times faster than the pipeline, for trying model changes; the figures that
-    count are the pipeline's (it batches by partition, and assigns with a published copy
-    of the model that lags the trained one by seconds; neither happens here).
+@dataclass(frozen=True)
+class Cut:
+    """How a replay cuts the shop into poll batches. Without a seed: in exact event-time
+    order, `REPLAY_BATCH` events at a time, all from one partition. With one: as a worker's
+    fetches might, reproducibly. Each input topic has `PARTITIONS` partitions (users by a
+    hash of their id), the shop is at most `LEAD` events ahead of what was read, and each
+    poll takes up to `FETCHED_RECORDS` from each of a random subset of partitions. So the
+    pipeline's dependence on how a run was cut can be replayed and traced event by event."""
+
+    seed: int | None = None
+
+    def partition(self, event: dict[str, object]) -> tuple[str, int]:
+        if self.seed is None:
+            return "replay", 0
+        topic = "purchases" if event["event_type"] == "purchase" else "clicks"
+        return topic, zlib.crc32(str(event["user_id"]).encode()) % PARTITIONS
+
+    def batches(self, events: list[dict[str, object]], marks: list[int]) -> Iterator[list[int]]:
+        """Batches of event offsets (into `events`, in event-time order); with no seed,
+        split at the `marks`."""
+        if self.seed is None:
+            bounds = sorted({*range(0, len(events), REPLAY_BATCH), *marks, len(events)})
+            for start, stop in itertools.pairwise(bounds):
+                yield list(range(start, stop))
+            return
+        rng = random.Random(self.seed)
+        queues: dict[tuple[str, int], deque[int]] = defaultdict(deque)
+        for offset, event in enumerate(events):
+            queues[self.partition(event)].append(offset)
+        partitions, read = sorted(queues), 0
+        while read < len(events):
+            produced = read + LEAD
+            chosen = [p for p in partitions if rng.random() < 0.4] or [rng.choice(partitions)]
+            batch = [o for p in chosen for o in _take(queues[p], produced)]
+            if not batch:  # the chosen ones have nothing yet: the one furthest behind
+                behind = min((q for q in queues.values() if q), key=lambda q: q[0])
+                batch = _take(behind, produced)
+            read += len(batch)
+            yield batch
+
+
+def _take(queue: deque[int], below: int) -> list[int]:
+    """Up to FETCHED_RECORDS offsets from the head of `queue` that are below `below`."""
+    taken: list[int] = []
+    while queue and len(taken) < FETCHED_RECORDS and queue[0] < below:
+        taken.append(queue.popleft())
+    return taken
+
+
+def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -> Outcome:
+    """The shop through the profile and model code alone, cut into batches by `cut`: no
+    broker, no Redis, no worker. Deterministic and several times faster than the
+    pipeline, for trying model changes; the figures that count are the pipeline's (it
+    assigns with a published copy of the model that lags the trained one by seconds,
+    which does not happen here).
 
     Per batch it does what the worker does: folds each event into its user's profile,
     shows it to the `events` detector, learns from the windows of event time that closed
@@ -241,8 +304,12 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
     adopting the model moves them."""
     updater, extract = ProfileUpdater(settings.profile), FeatureExtractor(settings.profile)
     model = SegmentModel(settings.model)
+    polls = 0  # the learning windows' clock: a poll every POLL_S
     learning = LearningWindows(
-        settings.model.learn_window_minutes, settings.model.learn_window_users, extract
+        settings.model.learn_window_minutes,
+        settings.model.learn_window_users,
+        extract,
+        clock=lambda: polls * POLL_S,
     )
     profiles: dict[str, Profile] = {}
     snapshots: list[Snapshot] = []
@@ -275,22 +342,30 @@ def replay(settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
             {seg.id: model.centroid(i) for i, seg in model.segments.items()},
         )
 
-    bounds = sorted({*range(0, len(shop.events), REPLAY_BATCH), *marks, len(shop.events)})
-    for start, stop in itertools.pairwise(bounds):
-        if start in marks:
+    waiting = sorted(marks)  # snapshots are taken once this many events are read
+    read = 0
+    for batch in cut.batches(shop.events, marks):
+        polls += 1
+        while waiting and read >= waiting[0]:
             snapshots.append(snapshot())
+            waiting.pop(0)
         touched: dict[str, Profile] = {}
-        for offset in range(start, stop):
+        folded = []
+        for offset in batch:
             event = EVENT_ADAPTER.validate_python(shop.events[offset])
             assert not isinstance(event, UserDeleted)  # the generator deletes no one
+            topic, partition = cut.partition(shop.events[offset])
             profile = profiles.setdefault(event.user_id, Profile(event.user_id))
             learning.before_fold(profile, event.timestamp)
-            updater.apply(profile, event, Position("replay", 0, offset))
-            learning.after_fold(profile, event.timestamp, ("replay", 0))
+            updater.apply(profile, event, Position(topic, partition, offset))
+            learning.after_fold(profile, event.timestamp, (topic, partition))
             touched[event.user_id] = profile
+            folded.append(event)
+        read += len(batch)
+        for event in sorted(folded, key=attrgetter("timestamp")):  # as the worker shows them
             model.observe(event)
         live = {seg.id for seg in model.segments.values()}
-        for user, x, event_ts in learning.take(stop - start):
+        for user, x, event_ts in learning.take(len(batch)):
             model.learn_one(user, x, event_ts)
         if not model.ready:
             pending.update(touched)
