@@ -107,6 +107,15 @@ def test_bad_setting_fails_at_start_naming_it(
     assert "Traceback" not in ran.stdout + ran.stderr
 
 
+def test_a_cut_without_replay_is_refused_naming_the_option() -> None:
+    ran = subprocess.run(
+        [*CLI, "evaluate", "--cut", "1"], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 2
+    assert "--cut" in ran.stdout + ran.stderr and "--replay" in ran.stdout + ran.stderr
+    assert "Traceback" not in ran.stdout + ran.stderr
+
+
 def test_redis_down_at_start_is_retried_not_a_crash(settings: Settings, tmp_path: Path) -> None:
     ensure_topics(settings.kafka, partitions=1)
     port = free_port()
