@@ -97,7 +97,7 @@ class LearningWindows:
             if rank <= members.highest[0][0]:
                 return  # hashes higher than every member's: not in the sample
             _, evicted = heapq.heapreplace(members.highest, (rank, user_id))
-            members.members.pop(evicted, None)
+            del members.members[evicted]  # `forget` keeps heap and members in step
             if self._window_of.get(evicted) == window:
                 del self._window_of[evicted]
         else:
