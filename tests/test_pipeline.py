@@ -443,6 +443,26 @@ def test_a_worker_keeping_up_hands_out_purchases_after_the_views_before_them(
         assert bought_before_viewing >= 5 * 10 * 50  # each order before its round's 50
 
 
+def test_a_source_busy_between_polls_still_gets_its_partitions(settings: Settings) -> None:
+    """The group join finishes on kafka-python's network thread; here it finishes while
+    the app works on a batch. Unpatched, kafka-python 3.0.12 threw that join away at the
+    next poll and joined again, for ever in this rhythm (`worker.kafka_join`)."""
+    settings = with_kafka(settings, poll_timeout_ms=100)
+    ensure_topics(settings.kafka, partitions=2)
+    source = KafkaSource(
+        settings.kafka, Metrics(), Backoff(0.1, 1.0, threading.Event()), dict, lambda _: None
+    )
+    source.connect()
+    deadline = time.monotonic() + 10  # a join takes ~3 s here: Tansu's rebalance delay
+    try:
+        while not source.assignment and time.monotonic() < deadline:
+            source.poll()
+            time.sleep(0.37)  # the app's work on a batch, the time the join finishes in
+        assert len(source.assignment) == 4
+    finally:
+        source.close()
+
+
 def test_model_checkpoint_survives_a_restart(
     settings: Settings, redis_client: redis.Redis, start_worker
 ) -> None:  # type: ignore[no-untyped-def]

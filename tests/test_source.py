@@ -1,4 +1,4 @@
-"""The event-time aligner of the source stage, on its own (no broker)."""
+"""The source stage's parts on their own (no broker): the event-time aligner, the join fix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from kafka import TopicPartition
+from kafka.future import Future
 
+from worker.kafka_join import _AwaitedOnce
 from worker.source import EventTimeAligner
 
 CLICKS, ORDERS = TopicPartition("clicks", 0), TopicPartition("orders", 0)
@@ -156,3 +158,18 @@ def test_orders_wait_only_as_far_as_alignment_lets_them_go() -> None:
     aligner.track([CLICKS, ORDERS], now=0)
     aligner.add({ORDERS: records(range(1), [50]), CLICKS: records(range(1), [10])}, now=0)  # type: ignore[dict-item]
     assert taken(aligner, to_come(clicks=500, orders=0), now=1) == [("clicks", 10)]
+
+
+def test_a_finished_join_reads_as_pending_and_awaiting_it_gives_its_assignment() -> None:
+    task = _AwaitedOnce(Future().success(b"assignment"))
+    assert not task.is_done  # so the coordinator awaits it instead of joining again
+    waiting = task.__await__()
+    try:
+        next(waiting)
+    except StopIteration as done:
+        assert done.value == b"assignment"
+    else:
+        raise AssertionError("a finished join should not wait")
+    got: list[bytes] = []
+    task.add_callback(got.append)  # the poll's timed wait, on a finished task
+    assert got == [b"assignment"]

@@ -31,11 +31,13 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from config.settings import KafkaSettings
+from worker import kafka_join
 from worker.metrics import Metrics
 from worker.profiles import Position
 from worker.retry import Backoff, Permanent
 
 log = logging.getLogger(__name__)
+kafka_join.install()
 
 FETCHED_AT_ONCE = 1_000_000  # records per consumer poll: whatever the fetcher holds
 
