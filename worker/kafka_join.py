@@ -8,7 +8,7 @@ drops the assignment it got. A consumer whose join finishes between its polls (w
 it works on a batch, or in the same tick its poll times out) rejoins again and again:
 each round costs a broker's rebalance delay (3 s on Tansu), and on Kafka the leader's
 rejoin starts a rebalance of the whole group. A test consumer doing 0.37 s of work per
-100 ms poll never got its partitions in 40 s; and one CI run's source waited 30 s.
+100 ms poll never got its partitions in 40 s.
 
 Java's consumer completes a join that finished while nobody was waiting. So does this
 fix: a join task is replaced only after a poll has awaited it. A finished task reads as
