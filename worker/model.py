@@ -67,6 +67,7 @@ import numpy as np
 from river import cluster, preprocessing
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans as BatchKMeans
+from sklearn.neighbors import NearestNeighbors
 
 from config.settings import ModelSettings
 from schemas.events import ClickEvent, PurchaseEvent
@@ -76,6 +77,7 @@ from worker.features import FEATURES
 from worker.profiles import DAY_MS
 
 CHECKPOINT_FORMAT = 3
+NEIGHBOURS, CROWDED = 20, 0.9  # a region is crowded by one set: 18 of 20 neighbours its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,8 +352,7 @@ class SegmentModel:
         old = dict(zip(order, anchors, strict=True))
         survivors = {i: c for i, c in old.items() if i not in merged}
         can_grow = grow and settled and len(survivors) < self._settings.max_clusters
-        wider = self._fit(points, len(survivors) + 1) if can_grow else None
-        emerging = self._emerging(wider) if wider is not None else None
+        emerging = self._emerging(points, survivors, event_ts) if can_grow else None
         if looking:
             persists = emerging is not None and self._persists(emerging)
             self._candidate = None if emerging is None else self._original(emerging)
@@ -362,7 +363,10 @@ class SegmentModel:
                 return False
         start = [*survivors.values(), *([emerging] if emerging is not None else [])]
         fit = self._refine(points, np.array(start))
-        if grow or not settled:  # a drift's refit, or a cold start's profiles maturing
+        # A drift's refit, or a cold start's profiles maturing, may redraw; not a refit
+        # that adds a group: a redraw there may split an old group instead, and the
+        # matching would hand the new id to that split.
+        if (grow and emerging is None) or not settled:
             redrawn = self._fit(points, len(start))
             better = redrawn.inertia_ < (1 - self._settings.redraw_gain) * fit.inertia_
             if better and (not settled or keeps_meaning(survivors, redrawn.cluster_centers_)):
@@ -420,25 +424,45 @@ class SegmentModel:
                     break
         return merged
 
-    def _emerging(self, wider: BatchKMeans) -> np.ndarray | None:
-        """The centre of the k+1 fit's cluster that grew most, if it is a group that
-        emerged: it holds at least `new_segment_share` of the reservoir now, and
-        `new_segment_growth` times the share of the reservoir as it was at the last
-        refit that would have fallen in it. A split of an existing segment had its share
-        before too; a new kind of shopper did not. Not the cluster a matching against
-        the old centres leaves over: a fit that gives the newcomers a cluster may blend
-        two old groups to free it, and the matching then pairs an old id with the bulk
-        of the newcomers and leaves over whatever else it drew."""
-        k = len(wider.cluster_centers_)
-        then = wider.predict(self._standardized(self.reference))
-        now = np.bincount(wider.labels_, minlength=k) / len(wider.labels_)
-        before = np.bincount(then, minlength=k) / len(then)
-        grown = (now >= self._settings.new_segment_share) & (now < 1.0)
-        grown &= now >= self._settings.new_segment_growth * before
-        if not grown.any():
+    def _emerging(
+        self, points: np.ndarray, survivors: dict[int, np.ndarray], event_ts: int
+    ) -> np.ndarray | None:
+        """The centre of a group that emerged since the reference was taken, if any.
+
+        Where it is, the reservoir is now much denser than the reference was (`crowding`):
+        a k+1 fit starts from the survivors' anchors plus the mean of the profiles there.
+        Its extra cluster counts if it holds at least `new_segment_share` of the
+        reservoir, and `new_segment_growth` times the share of the reference that falls
+        in it, counting only reference profiles whose region is not vacated now. A drift
+        can replace a region's occupants (at a sale the lapsing customers buy more and
+        leave the region the buying window shoppers move into): counted, the leavers
+        would make the newcomers look like an old group that merely grew. And it must
+        not be nearest a segment adaptation added less than `settle_days` ago: a young
+        group keeps maturing away from where it was first seen, and would be split off
+        again and again.
+        """
+        reference = self._standardized(self.reference)
+        crowded, vacated = crowding(points, reference)
+        if not crowded.any():
             return None
-        extra = int(np.argmax(np.where(grown, now - before, -np.inf)))
+        start = np.array([*survivors.values(), points[crowded].mean(axis=0)])
+        wider = self._refine(points, start)
+        extra = len(start) - 1
+        now = float(np.mean(wider.labels_ == extra))
+        kept = reference[~vacated]
+        before = float(np.mean(wider.predict(kept) == extra)) if len(kept) else 0.0
+        if not (self._settings.new_segment_share <= now < 1.0):
+            return None
+        if now < self._settings.new_segment_growth * before:
+            return None
         centre: np.ndarray = wider.cluster_centers_[extra]
+        apart = pairwise(centre[None, :], np.array(list(survivors.values())))[0]
+        if apart.min() < self._settings.merge_distance:
+            return None
+        nearest = self.segments[list(survivors)[int(apart.argmin())]]
+        young_until = event_ts - self._settings.settle_days * DAY_MS
+        if nearest.created_at > self._seeded_at and nearest.created_at > young_until:
+            return None
         return centre
 
     def _bind(self, old: dict[int, np.ndarray], centres: np.ndarray, event_ts: int) -> set[int]:
@@ -620,6 +644,19 @@ def rows(xs: list[dict[str, float]]) -> list[list[float]]:
 def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances between the rows of `a` and the rows of `b`."""
     return np.asarray(np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)))
+
+
+def crowding(now: np.ndarray, then: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of `now` lie where `now` is much denser than `then` was, and which
+    rows of `then` lie where it is much sparser: at least `CROWDED` of a row's
+    `NEIGHBOURS` nearest rows, among both sets, come from its own set."""
+    both = np.vstack([now, then])
+    k = min(NEIGHBOURS, len(both) - 1)
+    if k < 1:
+        return np.zeros(len(now), dtype=bool), np.zeros(len(then), dtype=bool)
+    _, nearest = NearestNeighbors(n_neighbors=k + 1).fit(both).kneighbors(both)
+    from_now = (nearest[:, 1:] < len(now)).mean(axis=1)
+    return from_now[: len(now)] >= CROWDED, from_now[len(now) :] <= 1 - CROWDED
 
 
 def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]:
