@@ -357,6 +357,59 @@ def test_after_a_drift_refit_it_looks_again_for_a_group_still_arriving() -> None
     assert model.version == version + 1
 
 
+def learn_all(model: SegmentModel, points: list[dict[str, float]], at: int, tag: str) -> None:
+    for i, x in enumerate(points):
+        model.learn_one(f"{tag}{i}", x, at + i)
+
+
+def test_a_group_arriving_where_another_left_becomes_a_new_segment() -> None:
+    """At a sale, lapsing customers buy more and leave a region that buying window
+    shoppers move into. Counted against every reference profile, the newcomers' region
+    held 10 % before and 20 % now: only twice, like an old group that grew. The leavers'
+    profiles lie where the reservoir is now empty, so they do not count."""
+    model, ids = seeded([0.0, 4.0, 8.0])
+    rng = random.Random(11)
+    learn_all(model, groups(90, [0.0, 4.0, 8.0], rng) + groups(30, [11.0], rng), 1000, "r")
+    model.adapt(2000, grow=False)  # a periodic refit: the reference is the shop before
+    learn_all(model, groups(80, [0.0, 4.0, 8.0], rng) + groups(60, [11.5], rng), 3000, "s")
+    model.lifecycle.clear()
+    model.adapt(4000)
+    assert segments_of(model, ids) == ids
+    new = segments_of(model, [11.5])[11.5]
+    assert new not in ids.values()
+    assert [(r.event, r.segment) for r in model.lifecycle] == [("created", new)]
+
+
+def test_a_group_that_shifted_a_little_gets_no_segment_of_its_own() -> None:
+    """A group that moves as a whole (lapsing customers ageing) leaves one region for
+    another next to it: crowded now, vacated then, like a newcomer. But the new centre
+    would lie within `merge_distance` of the group's own anchor, and merge back."""
+    model, ids = seeded([0.0, 4.0, 8.0])
+    learn_all(model, groups(100, [0.0, 4.0, 8.3], random.Random(12)), 1000, "v")
+    model.lifecycle.clear()
+    model.adapt(2000)
+    assert len(model.segments) == 3 and model.lifecycle == []
+    assert segments_of(model, [0.0, 4.0, 8.3]) == {0.0: ids[0.0], 4.0: ids[4.0], 8.3: ids[8.0]}
+
+
+def test_a_segment_just_added_is_not_split_off_again_as_its_group_matures() -> None:
+    """A new group keeps changing after it got its segment (new visitors' profiles grow).
+    Where it moves to is crowded and where it was is vacated, as for a newcomer; but the
+    centre found there is nearest a segment adaptation added less than `settle_days`
+    ago, so the group keeps its one segment, which follows it."""
+    model, ids = seeded([0.0, 4.0, 8.0], settle_days=1)
+    rng = random.Random(13)
+    learn_all(model, groups(75, [0.0, 4.0, 8.0, 16.0], rng), DAY_MS, "n")
+    model.adapt(DAY_MS + 500)
+    assert len(model.segments) == 4
+    young = segments_of(model, [16.0])[16.0]
+    learn_all(model, groups(75, [0.0, 4.0, 8.0, 19.0], rng), DAY_MS + 1000, "m")
+    model.lifecycle.clear()
+    model.adapt(DAY_MS + 2000)
+    assert len(model.segments) == 4 and model.lifecycle == []
+    assert segments_of(model, [0.0, 4.0, 8.0, 19.0]) == ids | {19.0: young}
+
+
 def test_converged_segments_merge_and_the_retired_id_is_never_reused() -> None:
     model, ids = seeded([0.0, 4.0, 8.0])
     # move the 8.0 group's centre onto the 4.0 one's, as learning does when groups merge
