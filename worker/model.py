@@ -24,21 +24,27 @@ The model of record is River: a `StandardScaler` learns the population online an
   handing ids to other groups.
   Only a redraw that fits the reservoir `redraw_gain` better (k-means inertia) replaces
   the refined centres, and only while the cold-started shop settles (its first centres
-  were seeded on young profiles and may sit in a poor optimum) or in a drift's refit.
-  Once settled, a redraw must also keep every id's meaning: each centre the matching
-  pairs with an id must lie nearest that id's anchor. A redraw after a large new group
-  arrives spends several centres on it, and the matching would hand old ids (cart
-  abandoners, say) to parts of it; one after a sale that moves window shoppers next to
-  the big spenders may split them apart again without moving any id.
+  were seeded on young profiles and may sit in a poor optimum) or in a drift's refit
+  that adds no segment (one that adds a segment may split an old group instead, and
+  the matching would hand the new id to the split). Once settled, a redraw must also
+  keep every id's meaning: each centre the matching pairs with an id must lie nearest
+  that id's anchor. A redraw after a large new group arrives spends several centres on
+  it, and the matching would hand old ids (cart abandoners, say) to parts of it; one
+  after a sale that moves window shoppers next to the big spenders may split them apart
+  again without moving any id.
   A refit after a detection, once `settle_days` of event time have passed since
   seeding (before, a cold-started population's profiles are still growing and every
-  refit keeps k), may change k: centres closer than `merge_distance` merge; a
-  k+1 fit's cluster that holds at least `new_segment_share` of the reservoir, and
-  `new_segment_growth` times what it held of the reservoir at the last refit, adds a
-  segment (the cluster that grew most): a group that emerged, not a split of one that
-  was there. A drift's refit that adds none is followed by `growth_looks` looks for
-  such a group, which refit only when two in a row find it (a new kind of shopper
-  arrives over hours). New
+  refit keeps k), may change k: centres closer than `merge_distance` merge; a group
+  that emerged adds a segment. It is looked for where the reservoir is much denser than
+  the reference (the reservoir at the last refit) was: a k+1 fit started there counts
+  if its extra cluster holds at least `new_segment_share` of the reservoir and
+  `new_segment_growth` times what it held of the reference, not counting reference
+  profiles whose region is empty now (a drift can replace a region's occupants); if
+  it lies `merge_distance` from every anchor (a group that shifted is not new); and if
+  it is not nearest a segment adaptation added less than `settle_days` ago (a young
+  group keeps maturing away from where it was first seen). A drift's refit that adds
+  none is followed by `growth_looks` looks for such a group, which refit only when two
+  in a row find it (a new kind of shopper arrives over hours). New
   centres take the old ids by a minimum-total-distance matching (Hungarian, not
   nearest-first) against each id's anchor, its centre at the last refit (River's
   centres wander as they learn, and one dragged toward a new group must not hand its id
