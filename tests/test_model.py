@@ -395,8 +395,8 @@ def test_a_group_that_shifted_a_little_gets_no_segment_of_its_own() -> None:
 def test_a_segment_just_added_is_not_split_off_again_as_its_group_matures() -> None:
     """A new group keeps changing after it got its segment (new visitors' profiles grow).
     Where it moves to is crowded and where it was is vacated, as for a newcomer; but the
-    centre found there is nearest a segment adaptation added less than `settle_days`
-    ago, so the group keeps its one segment, which follows it."""
+    profiles found there are in a segment adaptation added less than `settle_days` ago,
+    so the group keeps its one segment, which follows it."""
     model, ids = seeded([0.0, 4.0, 8.0], settle_days=1)
     rng = random.Random(13)
     learn_all(model, groups(75, [0.0, 4.0, 8.0, 16.0], rng), DAY_MS, "n")

@@ -41,8 +41,9 @@ The model of record is River: a `StandardScaler` learns the population online an
   `new_segment_growth` times what it held of the reference, not counting reference
   profiles whose region is empty now (a drift can replace a region's occupants); if
   it lies `merge_distance` from every anchor (a group that shifted is not new); and if
-  it is not nearest a segment adaptation added less than `settle_days` ago (a young
-  group keeps maturing away from where it was first seen). A drift's refit that adds
+  most of its profiles are not in segments adaptation added less than `settle_days`
+  ago (a young group keeps maturing away from where it was first seen). A drift's
+  refit that adds
   none is followed by `growth_looks` looks for such a group, which refit only when two
   in a row find it (a new kind of shopper arrives over hours). New
   centres take the old ids by a minimum-total-distance matching (Hungarian, not
@@ -442,10 +443,12 @@ class SegmentModel:
         in it, counting only reference profiles whose region is not vacated now. A drift
         can replace a region's occupants (at a sale the lapsing customers buy more and
         leave the region the buying window shoppers move into): counted, the leavers
-        would make the newcomers look like an old group that merely grew. And it must
-        not be nearest a segment adaptation added less than `settle_days` ago: a young
-        group keeps maturing away from where it was first seen, and would be split off
-        again and again.
+        would make the newcomers look like an old group that merely grew. It must lie
+        `merge_distance` from every anchor: a group that shifted a little (lapsing
+        customers ageing) leaves a vacated region for a crowded one too, but it would
+        merge back at the next refit. And most of its profiles must not be in segments
+        adaptation added less than `settle_days` ago: a young group keeps maturing away
+        from where it was first seen, and would be split off again and again.
         """
         reference = self._standardized(self.reference)
         crowded, vacated = crowding(points, reference)
@@ -465,9 +468,15 @@ class SegmentModel:
         apart = pairwise(centre[None, :], np.array(list(survivors.values())))[0]
         if apart.min() < self._settings.merge_distance:
             return None
-        nearest = self.segments[list(survivors)[int(apart.argmin())]]
         young_until = event_ts - self._settings.settle_days * DAY_MS
-        if nearest.created_at > self._seeded_at and nearest.created_at > young_until:
+        young = np.array(
+            [
+                self.segments[i].created_at > max(self._seeded_at, young_until)
+                for i in sorted(self.segments)
+            ]
+        )
+        members = points[wider.labels_ == extra]
+        if young[pairwise(members, self._centres()).argmin(axis=1)].mean() > 0.5:
             return None
         return centre
 
