@@ -410,6 +410,19 @@ def test_a_segment_just_added_is_not_split_off_again_as_its_group_matures() -> N
     assert segments_of(model, [0.0, 4.0, 8.0, 19.0]) == ids | {19.0: young}
 
 
+def test_a_refit_that_adds_a_segment_takes_no_redraw() -> None:
+    """One segment spans two groups (7.5 and 12.5); newcomers arrive at 23, next to the
+    group at 20. A redraw would fit far better by splitting the wide segment and giving
+    the newcomers to the centre at 20, each centre still nearest its own anchor; the
+    matching would then hand the new id to half of the wide segment."""
+    model, ids = seeded([0.0, 7.5, 12.5, 20.0], n_clusters=3)
+    assert ids[7.5] == ids[12.5]
+    learn_all(model, groups(60, [0.0, 7.5, 12.5, 20.0, 23.0], random.Random(1)), 1000, "v")
+    model.adapt(2000)
+    assert segments_of(model, ids) == ids
+    assert segments_of(model, [23.0])[23.0] not in ids.values()
+
+
 def test_converged_segments_merge_and_the_retired_id_is_never_reused() -> None:
     model, ids = seeded([0.0, 4.0, 8.0])
     # move the 8.0 group's centre onto the 4.0 one's, as learning does when groups merge
