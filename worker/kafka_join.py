@@ -14,6 +14,8 @@ Java's consumer completes a join that finished while nobody was waiting. So does
 fix: a join task is replaced only after a poll has awaited it. A finished task reads as
 pending to that one check; awaiting it returns its assignment (or raises its error) at
 once, and every way out of the await clears the task, as the library already does.
+Remove it once kafka-python takes up a finished join itself (3.0.12, the latest release
+on 2026-12-02, does not): `tests/test_pipeline.py` has the test that shows it.
 """
 
 from __future__ import annotations
