@@ -190,6 +190,11 @@ def segments_of(model: SegmentModel, centres: Iterable[float]) -> dict[float, st
     return {c: model.assign(dict.fromkeys(FEATURES, c)).segment for c in centres}
 
 
+def learn_all(model: SegmentModel, points: list[dict[str, float]], at: int, tag: str) -> None:
+    for i, x in enumerate(points):
+        model.learn_one(f"{tag}{i}", x, at + i)
+
+
 def test_refit_keeps_every_id_on_its_group() -> None:
     model, ids = seeded([0.0, 4.0, 8.0])
     for i, x in enumerate(groups(100, [0.0, 4.0, 8.0], random.Random(2))):
@@ -355,11 +360,6 @@ def test_after_a_drift_refit_it_looks_again_for_a_group_still_arriving() -> None
     assert segments_of(model, ids) == ids
     assert [r.segment for r in model.lifecycle if r.event == "created"] == [new]
     assert model.version == version + 1
-
-
-def learn_all(model: SegmentModel, points: list[dict[str, float]], at: int, tag: str) -> None:
-    for i, x in enumerate(points):
-        model.learn_one(f"{tag}{i}", x, at + i)
 
 
 def test_a_group_arriving_where_another_left_becomes_a_new_segment() -> None:

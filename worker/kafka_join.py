@@ -6,9 +6,9 @@ next poll. But the next poll sends a *new* JoinGroup if the task has finished me
 (`BaseCoordinator.join_group_async`: "`_join_task is None or _join_task.is_done`"), and
 drops the assignment it got. A consumer whose join finishes between its polls (while
 it works on a batch, or in the same tick its poll times out) rejoins again and again:
-each round costs a broker's rebalance delay (3 s on Tansu), and on Kafka the leader's
-rejoin starts a rebalance of the whole group. A test consumer doing 0.37 s of work per
-100 ms poll never got its partitions in 40 s.
+each round costs a broker's rebalance delay (3 s on Tansu), and on Kafka (by its group
+protocol; not tried here) the leader's rejoin starts a rebalance of the whole group.
+A test consumer doing 0.37 s of work per 100 ms poll never got its partitions in 40 s.
 
 Java's consumer completes a join that finished while nobody was waiting. So does this
 fix: a join task is replaced only after a poll has awaited it. A finished task reads as

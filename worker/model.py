@@ -43,9 +43,8 @@ The model of record is River: a `StandardScaler` learns the population online an
   it lies `merge_distance` from every anchor (a group that shifted is not new); and if
   most of its profiles are not in segments adaptation added less than `settle_days`
   ago (a young group keeps maturing away from where it was first seen). A drift's
-  refit that adds
-  none is followed by `growth_looks` looks for such a group, which refit only when two
-  in a row find it (a new kind of shopper arrives over hours). New
+  refit that adds none is followed by `growth_looks` looks for such a group, which
+  refit only when two in a row find it (a new kind of shopper arrives over hours). New
   centres take the old ids by a minimum-total-distance matching (Hungarian, not
   nearest-first) against each id's anchor, its centre at the last refit (River's
   centres wander as they learn, and one dragged toward a new group must not hand its id
@@ -664,11 +663,10 @@ def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def crowding(now: np.ndarray, then: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Which rows of `now` lie where `now` is much denser than `then` was, and which
     rows of `then` lie where it is much sparser: at least `CROWDED` of a row's
-    `NEIGHBOURS` nearest rows, among both sets, come from its own set."""
+    `NEIGHBOURS` nearest rows, among both sets, come from its own set (both hold at
+    least `warmup_users`, so a small model has fewer neighbours to ask)."""
     both = np.vstack([now, then])
     k = min(NEIGHBOURS, len(both) - 1)
-    if k < 1:
-        return np.zeros(len(now), dtype=bool), np.zeros(len(then), dtype=bool)
     _, nearest = NearestNeighbors(n_neighbors=k + 1).fit(both).kneighbors(both)
     from_now = (nearest[:, 1:] < len(now)).mean(axis=1)
     return from_now[: len(now)] >= CROWDED, from_now[len(now) :] <= 1 - CROWDED
