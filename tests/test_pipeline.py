@@ -480,41 +480,6 @@ def test_model_checkpoint_survives_a_restart(
     assert set(SegmentReader(redis_client).segments()) == ids_before
 
 
-def test_the_loop_goes_on_assigning_while_the_trainer_is_busy(
-    settings: Settings, redis_client: redis.Redis, start_worker, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
-    """A refit takes up to hundreds of ms; learning runs on its own thread, so while the
-    trainer is held up, new shoppers still get segments from the published model."""
-    busy, free = threading.Event(), threading.Event()
-    learned: list[str] = []
-    learn = ModelCoordinator.learn
-
-    def held_learn(coordinator: ModelCoordinator, user_id: str, x: dict[str, float], ts: int):  # type: ignore[no-untyped-def]
-        if coordinator.trainer is not None and coordinator.trainer.ready:
-            busy.set()
-            assert free.wait(60), "the test never freed the trainer"
-        learned.append(user_id)
-        return learn(coordinator, user_id, x, ts)
-
-    monkeypatch.setattr(ModelCoordinator, "learn", held_learn)
-    ensure_topics(settings.kafka, partitions=2)
-    produce(generate(users=300, events=4000, seed=31).events, settings)
-    running = start_worker(settings, idle=None)
-    wait_for(busy.is_set, 60, "the trainer to learn after seeding")
-    late = [
-        {**event, "user_id": f"late-{event['user_id']}"}
-        for event in generate(users=100, events=1500, seed=32).events
-    ]
-    produce(late, settings)
-    reader = SegmentReader(redis_client)
-    users = {str(event["user_id"]) for event in late}
-    wait_for(lambda: all(reader.get(u) for u in users), 60, "the late users' segments")
-    assert not users & set(learned)  # assigned by the published model, none learned yet
-    free.set()
-    running.stop.set()
-    running.join()  # the held learning finished, was published, and nothing failed
-
-
 def test_readiness_follows_assignment(settings: Settings, start_worker) -> None:  # type: ignore[no-untyped-def]
     ensure_topics(settings.kafka, partitions=1)
     running = start_worker(settings, idle=None)

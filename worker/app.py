@@ -7,8 +7,7 @@ Per poll batch, in order:
 Nothing is committed before Redis holds the result, so a crash anywhere replays, and
 the fences in Redis make the replay change nothing twice. Between batches the worker
 syncs the model through Redis (`coordination.py`): one worker trains and publishes, all
-assign with the published revision. The trainer learns on a thread of its own, so the
-loop hands each batch's learning over and does not wait for it.
+assign with the published revision.
 """
 
 from __future__ import annotations
@@ -23,18 +22,17 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from operator import attrgetter
 
 from config.settings import Settings
 from schemas.events import ClickEvent, PurchaseEvent, UserDeleted
 from schemas.records import SegmentChange, UserSegment
-from worker.coordination import ModelCoordinator, TrainingThread
+from worker.coordination import ModelCoordinator
 from worker.decode import REASONS, DeadLetter, Decoded, Decoder
 from worker.drift import DriftReport
 from worker.features import FeatureExtractor
 from worker.health import HealthServer
-from worker.learning import Learnable, LearningWindows
+from worker.learning import LearningWindows
 from worker.metrics import Metrics
 from worker.model import Assignment, SegmentModel
 from worker.profiles import Profile, ProfileCache, ProfileUpdater
@@ -118,7 +116,6 @@ class Worker:
         self.cache = ProfileCache(settings.profile.cache_size)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
-        self.training = TrainingThread()
         self._pending_check = False
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
@@ -173,7 +170,6 @@ class Worker:
                         log.info("no new event for %.0fs; stopping", stop_after_idle)
                         break
                 self._housekeeping()
-            self.training.drain()  # publish everything learned
             self.sync()
             self.coordinator.release()
         except Stopped as stopped:
@@ -182,7 +178,6 @@ class Worker:
             self.close()
 
     def close(self) -> None:
-        self.training.close()
         self.source.close()
         self.outbox.close()
         self.health.stop()
@@ -208,10 +203,7 @@ class Worker:
             self.sync(publish=False)
 
     def _sync_due(self) -> bool:
-        """Every checkpoint interval; every second while waiting for a first model; at
-        once when the trainer seeded or adapted."""
-        if self._sync_now:
-            return True
+        """Every checkpoint interval; every second while waiting for a first model."""
         interval = self.settings.model.checkpoint_interval_s
         if not self.model.ready:
             interval = min(interval, 1.0)
@@ -395,12 +387,7 @@ class Worker:
         """Show the batch's applied events to the `events` detector in event time. A fetch
         returns a run of one partition before the next, so in applied order an abrupt
         change (a sale) is smeared over the batch; sorted, it is sharp again."""
-        if self.coordinator.leading and events:
-            self.training.submit(partial(self._watch, sorted(events, key=attrgetter("timestamp"))))
-
-    def _watch(self, events: list[ClickEvent | PurchaseEvent]) -> None:
-        """On the training thread: the `events` detector's look at a batch."""
-        for event in events:
+        for event in sorted(events, key=attrgetter("timestamp")):
             drifted = self.coordinator.observe(event)
             if drifted is not None:
                 self.report_drift("events", drifted, event.timestamp)
@@ -425,13 +412,7 @@ class Worker:
         if not self.coordinator.leading:
             self.learning.clear()  # another worker trains: keep nothing for it
             return
-        due = self.learning.take(budget)
-        if due:
-            self.training.submit(partial(self._train, due))
-
-    def _train(self, due: list[Learnable]) -> None:
-        """On the training thread: learn from these profiles."""
-        for user_id, x, event_ts in due:
+        for user_id, x, event_ts in self.learning.take(budget):
             learned = self.coordinator.learn(user_id, x, event_ts)
             if learned.seeded or learned.adapted:
                 self._sync_now = True  # publish the new segments now, not at the next interval
@@ -483,7 +464,7 @@ class Worker:
     def _delete_user(self, batch: BatchWrite, event: UserDeleted, topic: str) -> None:
         profile = self.cache.get(event.user_id)
         self.cache.discard([event.user_id])
-        self.training.submit(partial(self.coordinator.forget, event.user_id))
+        self.coordinator.forget(event.user_id)
         self.learning.forget(event.user_id)
         segment = profile.segment if profile else None
         batch.delete(event.user_id, segment)

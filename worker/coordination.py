@@ -7,17 +7,11 @@ leader included, assigns with the latest published revision (`model`). So a prof
 the same segment from whichever worker holds its partition, segments move in steps all
 workers take together, and when the leader dies the next worker to claim the expired
 lease (three intervals) goes on training from the last publication.
-
-The leader learns on a thread of its own (`TrainingThread`), so the consumer loop never
-waits for a refit; the lock here keeps a publication from reading a model mid-update.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -43,7 +37,6 @@ class ModelCoordinator:
         self._lease_ms = int(3 * settings.checkpoint_interval_s * 1000)
         self.model = SegmentModel(settings)
         self.trainer: SegmentModel | None = None
-        self._training = threading.Lock()  # the trainer learns on one thread, publishes on another
         self._unusable = -1  # revision of a publication that could not be read: say so once
         self._lifecycle: list[SegmentLifecycle] = []  # published with the model, not yet sent
         for event in SEGMENT_EVENTS:  # exported at 0 from the start, for dashboards
@@ -55,30 +48,26 @@ class ModelCoordinator:
 
     def learn(self, user_id: str, x: dict[str, float], event_ts: int) -> Learned:
         """Train on a profile when leading (a follower learns nothing)."""
-        with self._training:
-            if self.trainer is None:
-                return Learned()
-            return self.trainer.learn_one(user_id, x, event_ts)
+        if self.trainer is None:
+            return Learned()
+        return self.trainer.learn_one(user_id, x, event_ts)
 
     def observe(self, event: ClickEvent | PurchaseEvent) -> str | None:
         """Watch an applied event when leading; what the `events` detector saw if it fired."""
-        with self._training:
-            if self.trainer is None or not self.trainer.observe(event):
-                return None
-            return self.trainer.detectors.describe("events")
+        if self.trainer is None or not self.trainer.observe(event):
+            return None
+        return self.trainer.detectors.describe("events")
 
     def forget(self, user_id: str) -> None:
-        with self._training:
-            if self.trainer is not None:
-                self.trainer.forget(user_id)
+        if self.trainer is not None:
+            self.trainer.forget(user_id)
 
     def sync(self, publish: bool = True) -> bool:
         """Claim or renew the lease and publish when leading (with `publish`), and adopt
         any newer publication. Returns True when the model used for assignment changed.
         """
         if publish:
-            with self._training:
-                self._lead_and_publish()
+            self._lead_and_publish()
         published = self._store.load_model()
         if published is None or published[0] <= self.model.revision:
             return False
@@ -126,10 +115,9 @@ class ModelCoordinator:
 
     def release(self) -> None:
         """Hand training to another worker at once instead of after the lease expires."""
-        with self._training:
-            if self.trainer is not None:
-                self._store.release_model_lease(self._worker_id)
-                self.trainer = None
+        if self.trainer is not None:
+            self._store.release_model_lease(self._worker_id)
+            self.trainer = None
 
     def _published(self) -> SegmentModel | None:
         published = self._store.load_model()
@@ -166,54 +154,3 @@ class ModelCoordinator:
         self._metrics.model_version.set(model.version)
         self._metrics.model_revision.set(model.revision)
         return True
-
-
-class TrainingThread:
-    """Runs the leader's learning off the consumer loop, in the order it is handed over.
-
-    Learning is work no assignment waits for, and it comes in lumps: a refit, or a look
-    for a new segment, takes 60-200 ms (the bench's latency stage), and inline it held up
-    every record of the batch it fell in and of the batches queued behind it. Handed
-    over, it runs while the loop waits on the broker, and its NumPy and scikit-learn
-    parts on the other core. Work runs in order, so a deleted user is forgotten after
-    what was learned from them. At most `max_pending` batches' work waits: then the loop
-    waits too, rather than memory growing. Work that fails stops the training, and the
-    error is raised on the loop at its next hand-over.
-    """
-
-    def __init__(self, max_pending: int = 64) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(max_pending)
-        self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="segment-training", daemon=True)
-        self._thread.start()
-
-    def submit(self, work: Callable[[], None]) -> None:
-        self._raise_failure()
-        self._queue.put(work)
-
-    def drain(self) -> None:
-        """Wait until all work handed over has run."""
-        self._queue.join()
-        self._raise_failure()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _raise_failure(self) -> None:
-        if self._failed is not None:
-            raise RuntimeError("training failed") from self._failed
-
-    def _run(self) -> None:
-        while True:
-            work = self._queue.get()
-            try:
-                if work is None:
-                    return
-                if self._failed is None:  # after a failure, only let the loop's waits end
-                    work()
-            except Exception as exc:
-                log.exception("training failed")
-                self._failed = exc
-            finally:
-                self._queue.task_done()
