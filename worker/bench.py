@@ -68,21 +68,24 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """A worker's /metrics as {sample name: [(labels, value)]}; empty if not up."""
+Samples = dict[str, list[tuple[dict[str, str], float]]]  # sample name: [(labels, value)]
+
+
+def scrape(port: int) -> Samples:
+    """A worker's /metrics; empty if not up."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
         return {}
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
 
 
-def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+def total(samples: Samples, name: str) -> float:
     return sum(value for _, value in samples.get(name, []))
 
 
@@ -351,8 +354,11 @@ class Bench:
         self.progress.update(task, description="latency: warm-up", completed=0, total=count)
         produce(warm_up, settings, on_sent=lambda n: self.progress.update(task, completed=n))
         wait(lambda: total(scrape(worker.port), "segmentation_events_total") >= count, 600)
-        before = latency_buckets(scrape(worker.port))
+        before = scrape(worker.port)
         self.progress.update(task, description=f"latency at {rate:.0f} events/s", completed=0)
+        pids = {**{k: p for k, p in self.pids.items() if p}, "worker": worker.pid}
+        pids["load_generator"] = os.getpid()  # the paced producer runs in this process
+        cpu_before, started = {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
         produce(  # a short linger: the load generator should add little delay of its own
             paced,
             settings,
@@ -360,21 +366,22 @@ class Bench:
             on_sent=lambda n: self.progress.update(task, completed=n),
             linger_ms=2,
         )
+        paced_s = time.monotonic() - started
+        cores = {k: round((cpu_seconds(p) - cpu_before[k]) / paced_s, 2) for k, p in pids.items()}
         after = before
         while worker.alive():
-            after = latency_buckets(scrape(worker.port)) or after
+            after = scrape(worker.port) or after
             time.sleep(0.25)
         self.progress.update(task, total=self.events)
-        measured = {le: after[le] - before.get(le, 0.0) for le in after}
         return {
             "offered_events_per_s": round(rate),
             "events": len(paced),
             "warm_up_events": len(warm_up),
             "settle_days": round(settled, 3),
-            **{
-                f"p{q}_ms": round(histogram_quantile(q / 100, measured) * 1000, 1)
-                for q in (50, 95, 99)
-            },
+            **quantiles_ms("", LATENCY, before, after),
+            # the worker's own share: processing a batch, from decoding to the commit
+            **quantiles_ms("batch_", BATCH, before, after),
+            "cores_while_paced": cores,
         }
 
 
@@ -385,10 +392,22 @@ def settle_days_within(warm_up: list[dict[str, object]], settle_days: float) -> 
     return min(span / 2, settle_days)
 
 
-def latency_buckets(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[float, float]:
-    """The worker's latency histogram as cumulative counts {le: count}."""
-    name = "segmentation_event_to_segment_latency_seconds_bucket"
-    return {float(labels["le"]): value for labels, value in samples.get(name, [])}
+LATENCY = "segmentation_event_to_segment_latency_seconds"
+BATCH = "segmentation_batch_seconds"
+
+
+def quantiles_ms(prefix: str, histogram: str, before: Samples, after: Samples) -> dict[str, float]:
+    """p50/p95/p99 in ms of what a worker's histogram counted between two scrapes, as
+    Prometheus' `histogram_quantile` over an `increase` would."""
+    start, end = buckets(before, histogram), buckets(after, histogram)
+    added = {le: end[le] - start.get(le, 0.0) for le in end}
+    ms = {q: round(histogram_quantile(q / 100, added) * 1000, 1) for q in (50, 95, 99)}
+    return {f"{prefix}p{q}_ms": v for q, v in ms.items()}
+
+
+def buckets(samples: Samples, histogram: str) -> dict[float, float]:
+    """A histogram of a scrape as cumulative counts {le: count}."""
+    return {float(labels["le"]): value for labels, value in samples.get(f"{histogram}_bucket", [])}
 
 
 def wait(condition: Callable[[], bool], timeout: float) -> None:
@@ -436,6 +455,16 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("p50 event → Redis", f"{lat['p50_ms']} ms", "≤ 50 ms"),
         ("p95 event → Redis", f"{lat['p95_ms']} ms", ""),
         ("p99 event → Redis", f"{lat['p99_ms']} ms", "≤ 250 ms"),
+        (
+            "the worker's batch processing, p50 / p99 (its share of the latency)",
+            f"{lat['batch_p50_ms']} / {lat['batch_p99_ms']} ms",
+            "",
+        ),
+        (
+            "cores in use while paced",
+            ", ".join(f"{k} {v}" for k, v in lat["cores_while_paced"].items()),
+            "",
+        ),
         (
             "batch k-means: load / fit / write",
             f"{batch['load_s']} / {batch['fit_s']} / {batch['write_s']} s",
