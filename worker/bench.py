@@ -52,6 +52,8 @@ from worker.sink import connect, stored_profiles
 from worker.source import consumer_config, ensure_topics
 
 PARTITIONS = 4
+LATENCY = "segmentation_event_to_segment_latency_seconds"  # the worker's histograms read
+BATCH = "segmentation_batch_seconds"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -390,10 +392,6 @@ def settle_days_within(warm_up: list[dict[str, object]], settle_days: float) -> 
     model a latency stage measures has settled before the measured events arrive."""
     span = (event_ms(warm_up[-1]) - event_ms(warm_up[0])) / DAY_MS
     return min(span / 2, settle_days)
-
-
-LATENCY = "segmentation_event_to_segment_latency_seconds"
-BATCH = "segmentation_batch_seconds"
 
 
 def quantiles_ms(prefix: str, histogram: str, before: Samples, after: Samples) -> dict[str, float]:
