@@ -23,6 +23,7 @@ from schemas.reader import SegmentReader
 from schemas.records import RedisKeys
 from worker.app import BatchStats, Worker, settled_gc
 from worker.coordination import ModelCoordinator
+from worker.features import FeatureExtractor
 from worker.generator import Shop, event_ms, generate
 from worker.metrics import Metrics
 from worker.model import SegmentModel
@@ -588,3 +589,58 @@ def test_settled_gc_freezes_what_exists_and_restores_the_collector() -> None:
         assert gc.get_freeze_count() > 10_000  # at least the imports
         assert gc.get_threshold()[0] == 10_000
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+def test_a_settling_models_new_version_places_every_user_afresh(
+    settings: Settings, redis_client: redis.Redis, start_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """While the model settles, a refit may redraw what the ids mean: a worker adopting
+    such a version places every user afresh, quiet ones too, a chunk at a time."""
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"settle_days": 1000.0})}
+    )
+    run_shop(settings, start_worker, 300, 4000, seed=29, partitions=2)
+    keys = RedisKeys()
+    model = SegmentModel.from_state(
+        settings.model,
+        orjson.loads(redis_client.hget(keys.model, "state")),  # type: ignore[arg-type]
+    )
+    assert model.settling
+    # Redraw the ids' meaning, as a settling refit may: the two largest segments swap
+    # centres. Every user of one belongs to the other now, events or not.
+    reader = SegmentReader(redis_client)
+    before = {
+        s: {m.decode() for m in redis_client.zrange(keys.members(s), 0, -1)}
+        for s in reader.segments()
+    }
+    a, b = sorted(before, key=lambda s: len(before[s]))[-2:]
+    index = {seg.id: i for i, seg in model.segments.items()}
+    i, j = index[a], index[b]
+    centers = model.kmeans.centers
+    centers[i], centers[j] = centers[j], centers[i]
+    model.anchors[i], model.anchors[j] = model.anchors[j], model.anchors[i]
+    model.version += 1
+    model.revision += 1
+    model.rename()
+    redis_client.hset(
+        keys.model, mapping={"state": orjson.dumps(model.to_state()), "revision": model.revision}
+    )
+    monkeypatch.setattr("worker.app.SWEEP_CHUNK", 40)  # several chunks for 300 users
+    again = start_worker(settings)  # nothing new to consume: it only adopts the version
+    again.join()
+    users = sorted(set().union(*before.values()))
+    blobs = redis_client.mget([keys.profile(u) for u in users])
+    profiles = [Profile.decode(u, blob) for u, blob in zip(users, blobs, strict=True)]
+    extract = FeatureExtractor(settings.profile)
+    nearest = model.assign_many([extract(p) for p in profiles], [None] * len(users))
+    for user, placed in zip(users, nearest, strict=True):
+        stored = reader.get(user)
+        assert stored is not None
+        assert (stored.segment, stored.model_version) == (placed.segment, model.version)
+    after = {s: {m.decode() for m in redis_client.zrange(keys.members(s), 0, -1)} for s in (a, b)}
+    assert len(after[a] & before[b]) > len(before[b]) / 2  # b's users follow their centre to a
+    changes = [
+        orjson.loads(m.value) for m in read_topic(settings, settings.kafka.changes_topic, 100_000)
+    ]
+    moved = {(c["user_id"], c["to"]) for c in changes if c["model_version"] == model.version}
+    assert {(u, a) for u in after[a] & before[b]} <= moved

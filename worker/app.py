@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
@@ -48,6 +49,10 @@ from worker.sink import (
 from worker.source import KafkaSource, Record
 
 log = logging.getLogger(__name__)
+
+# Users placed afresh per turn of the loop when a settling model's new version sends
+# every user to be re-placed: bounds the profiles such a sweep holds at once.
+SWEEP_CHUNK = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +122,8 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
         self._pending_check = False
+        self._swept_version = 0  # the settling model's last version every user was placed by
+        self._unswept: deque[str] = deque()  # users that version has yet to place
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
         self.report_drift = DriftReport(metrics)
@@ -159,7 +166,8 @@ class Worker:
             last_event = time.monotonic()
             while not self.stop.is_set():
                 records = self.source.poll()
-                if records or not self.source.assignment:  # idle counts once we may consume
+                # idle counts once we may consume and no user waits to be placed afresh
+                if records or self._unswept or not self.source.assignment:
                     last_event = time.monotonic()
                 if records:
                     self.totals += self.process(records)
@@ -201,6 +209,8 @@ class Worker:
             self.sync()
         elif self._pending_check and self.model.ready:
             self.sync(publish=False)
+        elif self._unswept:
+            self._sweep()
 
     def _sync_due(self) -> bool:
         """Every checkpoint interval; every second while waiting for a first model."""
@@ -236,9 +246,11 @@ class Worker:
 
     def _on_assigned(self, applied: dict[tuple[str, int], int | None]) -> None:
         """New partitions: remember what Redis holds for them, and look for users their
-        previous owner left waiting for a model."""
+        previous owner left waiting for a model (or, while the model settles, not yet
+        placed afresh)."""
         self._expected.update(applied)
         self._pending_check = True
+        self._swept_version = 0  # while the model settles, their users are placed afresh
         # Whatever the cache holds of these partitions predates their previous owner's
         # writes: read them afresh from Redis.
         self.cache.drop_partitions(set(applied))
@@ -246,12 +258,38 @@ class Worker:
     def _assign_pending(self, batch: BatchWrite) -> None:
         """Segments for waiting users on partitions this worker owns: first segments of
         users who came before any model (`seg:pending`), and new ones for the members of
-        segments the latest model retired or merged away."""
+        segments the latest model retired or merged away. A version that came while the
+        model settles may have redrawn what the ids mean, so it also queues every
+        segmented user to be placed afresh, a chunk per turn of the loop (`_sweep`)."""
         self._pending_check = False
         waiting = set(self.store.pending_users()) | batch.pending
         live = {seg.id for seg in self.model.segments.values()}
         waiting |= self.store.members(self.model.ids_ever() - live)
+        settling = self.model.settling and self.model.version != self._swept_version
+        if settling and self.source.assignment:
+            self._swept_version = self.model.version
+            self._unswept = deque(sorted(self.store.members(live) - waiting))
+            log.info(
+                "model version %d came while it settles: placing afresh the users of this "
+                "worker's partitions among %d segmented users",
+                self.model.version,
+                len(self._unswept),
+            )
         batch.pending = set()
+        self._place(batch, waiting)
+
+    def _sweep(self) -> None:
+        """Place the next chunk of users afresh, in a write of its own."""
+        chunk = [self._unswept.popleft() for _ in range(min(SWEEP_CHUNK, len(self._unswept)))]
+        batch = BatchWrite()
+        self._place(batch, set(chunk))
+        self.outbox.flush()
+        if batch:
+            self._write(batch)
+        self.cache.trim()
+
+    def _place(self, batch: BatchWrite, waiting: set[str]) -> None:
+        """Segment those of these users whose partitions this worker owns."""
         self._load_missing(waiting)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
         mine: dict[str, Profile] = {}
