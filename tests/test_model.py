@@ -470,18 +470,6 @@ def test_while_the_model_settles_users_follow_the_nearest_centre() -> None:
     assert model.assign(midpoint, current=other, at=settled).segment == other
 
 
-def test_a_version_counts_as_settling_when_its_centres_were_fitted_while_settling() -> None:
-    """Such a version may have redrawn what the ids mean: workers place everyone afresh."""
-    model, _ = seeded([0.0, 4.0], settle_days=1)
-    assert model.settling
-    seeded_at = model.to_state()["seeded_at"]
-    model.adapt(seeded_at + 1000, grow=False)  # a refit while settling
-    assert model.settling
-    model.adapt(seeded_at + int(DAY_MS), grow=False)  # the first refit once settled
-    assert not model.settling
-    assert not SegmentModel(SETTINGS).settling  # no model yet: nothing to place
-
-
 def test_a_segment_adaptation_added_takes_users_without_the_margin_for_adopt_days() -> None:
     model, ids = seeded([0.0, 8.0])
     for i, x in enumerate(groups(100, [0.0, 8.0, 16.0], random.Random(3))):

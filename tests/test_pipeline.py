@@ -27,7 +27,7 @@ from worker.features import FeatureExtractor
 from worker.generator import Shop, event_ms, generate
 from worker.metrics import Metrics
 from worker.model import SegmentModel
-from worker.profiles import Profile
+from worker.profiles import DAY_MS, Profile
 from worker.replay import produce
 from worker.retry import Backoff
 from worker.source import KafkaSource, Record, ensure_topics, kafka_client_config
@@ -591,33 +591,34 @@ def test_settled_gc_freezes_what_exists_and_restores_the_collector() -> None:
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
 
 
-def test_a_settling_models_new_version_places_every_user_afresh(
+def test_once_the_model_settles_every_user_is_placed_afresh(
     settings: Settings, redis_client: redis.Redis, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    """While the model settles, a refit may redraw what the ids mean: a worker adopting
-    such a version places every user afresh, quiet ones too, a chunk at a time."""
-    settings = settings.model_copy(
-        update={"model": settings.model.model_copy(update={"settle_days": 1000.0})}
+    """While the model settles a refit may redraw what the ids mean, and users follow it
+    only at their own events: when the stream passes the settling time, workers place
+    every user afresh, quiet ones too, a chunk at a time."""
+    unsettled = settings.model.model_copy(update={"settle_days": 1000.0})
+    shop, _ = run_shop(
+        settings.model_copy(update={"model": unsettled}), start_worker, 300, 4000, 29, 2
     )
-    run_shop(settings, start_worker, 300, 4000, seed=29, partitions=2)
     keys = RedisKeys()
     model = SegmentModel.from_state(
-        settings.model,
+        unsettled,
         orjson.loads(redis_client.hget(keys.model, "state")),  # type: ignore[arg-type]
     )
-    assert model.settling
-    # Redraw the ids' meaning, as a settling refit may: the two largest segments swap
-    # centres. Every user of one belongs to the other now, events or not.
+    # A settling refit redraws the ids' meaning: the two largest segments swap centres.
     reader = SegmentReader(redis_client)
-    before = {
+    members = {
         s: {m.decode() for m in redis_client.zrange(keys.members(s), 0, -1)}
         for s in reader.segments()
     }
-    a, b = sorted(before, key=lambda s: len(before[s]))[-2:]
+    a, b = sorted(members, key=lambda s: len(members[s]))[-2:]
     index = {seg.id: i for i, seg in model.segments.items()}
     i, j = index[a], index[b]
-    centers = model.kmeans.centers
-    centers[i], centers[j] = centers[j], centers[i]
+    model.kmeans.centers[i], model.kmeans.centers[j] = (
+        model.kmeans.centers[j],
+        model.kmeans.centers[i],
+    )
     model.anchors[i], model.anchors[j] = model.anchors[j], model.anchors[i]
     model.version += 1
     model.revision += 1
@@ -625,22 +626,37 @@ def test_a_settling_models_new_version_places_every_user_afresh(
     redis_client.hset(
         keys.model, mapping={"state": orjson.dumps(model.to_state()), "revision": model.revision}
     )
+    # The model settles just after the shop's last event; one user's two late events
+    # take the stream past it.
+    last = max(event_ms(e) for e in shop.events)
+    days = (last + 1 - model.to_state()["seeded_at"]) / DAY_MS
+    settling = settings.model.model_copy(update={"settle_days": days})
+    settings = settings.model_copy(update={"model": settling})
+    active = next(iter(members[a]))
+    produce(
+        [
+            {"event_id": f"late-{n}", "event_type": "page_view", "user_id": active, "timestamp": ts}
+            for n, ts in enumerate((last - 1000, last + 60_000))
+        ],
+        settings,
+    )
     monkeypatch.setattr("worker.app.SWEEP_CHUNK", 40)  # several chunks for 300 users
-    again = start_worker(settings)  # nothing new to consume: it only adopts the version
-    again.join()
-    users = sorted(set().union(*before.values()))
-    blobs = redis_client.mget([keys.profile(u) for u in users])
-    profiles = [Profile.decode(u, blob) for u, blob in zip(users, blobs, strict=True)]
+    start_worker(settings).join()
+    model = SegmentModel.from_state(settling, model.to_state())
+    quiet = sorted(set().union(*members.values()) - {active})
+    blobs = redis_client.mget([keys.profile(u) for u in quiet])
+    profiles = [Profile.decode(u, blob) for u, blob in zip(quiet, blobs, strict=True)]
+    assert all(p.last_ts < model.settled_at for p in profiles)
     extract = FeatureExtractor(settings.profile)
-    nearest = model.assign_many([extract(p) for p in profiles], [None] * len(users))
-    for user, placed in zip(users, nearest, strict=True):
+    nearest = model.assign_many([extract(p) for p in profiles], [None] * len(quiet))
+    for user, placed in zip(quiet, nearest, strict=True):
         stored = reader.get(user)
         assert stored is not None
         assert (stored.segment, stored.model_version) == (placed.segment, model.version)
-    after = {s: {m.decode() for m in redis_client.zrange(keys.members(s), 0, -1)} for s in (a, b)}
-    assert len(after[a] & before[b]) > len(before[b]) / 2  # b's users follow their centre to a
+    followed = {m.decode() for m in redis_client.zrange(keys.members(a), 0, -1)} & members[b]
+    assert len(followed) > len(members[b]) / 2  # b's users follow their centre to a
     changes = [
         orjson.loads(m.value) for m in read_topic(settings, settings.kafka.changes_topic, 100_000)
     ]
     moved = {(c["user_id"], c["to"]) for c in changes if c["model_version"] == model.version}
-    assert {(u, a) for u in after[a] & before[b]} <= moved
+    assert {(user, a) for user in followed} <= moved

@@ -50,8 +50,8 @@ from worker.source import KafkaSource, Record
 
 log = logging.getLogger(__name__)
 
-# Users placed afresh per turn of the loop when a settling model's new version sends
-# every user to be re-placed: bounds the profiles such a sweep holds at once.
+# Users placed afresh per turn of the loop once the model has settled (`_watch_settling`):
+# bounds the profiles that sweep holds at once.
 SWEEP_CHUNK = 2_000
 
 
@@ -122,8 +122,9 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
         self._pending_check = False
-        self._swept_version = 0  # the settling model's last version every user was placed by
-        self._unswept: deque[str] = deque()  # users that version has yet to place
+        self._read_settling = False  # read events from before the model settled
+        self._swept_at = 0.0  # the settling time whose sweep this worker has queued
+        self._unswept: deque[str] = deque()  # users that sweep has yet to place
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
         self.report_drift = DriftReport(metrics)
@@ -246,11 +247,9 @@ class Worker:
 
     def _on_assigned(self, applied: dict[tuple[str, int], int | None]) -> None:
         """New partitions: remember what Redis holds for them, and look for users their
-        previous owner left waiting for a model (or, while the model settles, not yet
-        placed afresh)."""
+        previous owner left waiting for a model."""
         self._expected.update(applied)
         self._pending_check = True
-        self._swept_version = 0  # while the model settles, their users are placed afresh
         # Whatever the cache holds of these partitions predates their previous owner's
         # writes: read them afresh from Redis.
         self.cache.drop_partitions(set(applied))
@@ -258,25 +257,33 @@ class Worker:
     def _assign_pending(self, batch: BatchWrite) -> None:
         """Segments for waiting users on partitions this worker owns: first segments of
         users who came before any model (`seg:pending`), and new ones for the members of
-        segments the latest model retired or merged away. A version that came while the
-        model settles may have redrawn what the ids mean, so it also queues every
-        segmented user to be placed afresh, a chunk per turn of the loop (`_sweep`)."""
+        segments the latest model retired or merged away."""
         self._pending_check = False
         waiting = set(self.store.pending_users()) | batch.pending
         live = {seg.id for seg in self.model.segments.values()}
         waiting |= self.store.members(self.model.ids_ever() - live)
-        settling = self.model.settling and self.model.version != self._swept_version
-        if settling and self.source.assignment:
-            self._swept_version = self.model.version
-            self._unswept = deque(sorted(self.store.members(live) - waiting))
-            log.info(
-                "model version %d came while it settles: placing afresh the users of this "
-                "worker's partitions among %d segmented users",
-                self.model.version,
-                len(self._unswept),
-            )
         batch.pending = set()
         self._place(batch, waiting)
+
+    def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
+        """Once the stream passes the model's settling time, queue every segmented user
+        to be placed afresh (`_sweep`). While the model settles, refits may redraw what
+        the ids mean, and users follow the nearest centre only at their own events: a
+        quiet one may hold an id that meant something else when they were placed. From
+        then on the margin holds users where they are, and would hold them there."""
+        if not events or not self.model.ready or self._swept_at == self.model.settled_at:
+            return
+        settled_at = self.model.settled_at
+        self._read_settling |= min(e.timestamp for e in events) < settled_at
+        if self._read_settling and max(e.timestamp for e in events) >= settled_at:
+            self._swept_at = settled_at
+            live = {seg.id for seg in self.model.segments.values()}
+            self._unswept = deque(sorted(self.store.members(live)))
+            log.info(
+                "the model has settled: placing afresh the users of this worker's partitions "
+                "among %d segmented users",
+                len(self._unswept),
+            )
 
     def _sweep(self) -> None:
         """Place the next chunk of users afresh, in a write of its own."""
@@ -333,6 +340,7 @@ class Worker:
                 applied.append(item.event)
         self._observe(applied)
         self._segment(batch, len(applied))
+        self._watch_settling(applied)
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
         self.outbox.flush()

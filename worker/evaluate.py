@@ -300,9 +300,8 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
     Per batch it does what the worker does: folds each event into its user's profile,
     shows it to the `events` detector, learns from the windows of event time that closed
     (`worker/learning.py`), and assigns with the margin. After an adaptation that merged
-    or retired a segment, that segment's users move to the nearest live one, and after
-    each version made while the model settles every user is placed afresh, as a worker
-    adopting the model does."""
+    or retired a segment, that segment's users move to the nearest live one, and once
+    the model has settled every user is placed afresh, as workers do."""
     updater, extract = ProfileUpdater(settings.profile), FeatureExtractor(settings.profile)
     model = SegmentModel(settings.model)
     polls = 0  # the learning windows' clock: a poll every POLL_S
@@ -345,7 +344,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
 
     waiting = sorted(marks)  # snapshots are taken once this many events are read
     read = 0
-    swept = 0  # the settling model's last version every user was placed by
+    read_settling = swept = False  # as a worker's `_watch_settling`
     for batch in cut.batches(shop.events, marks):
         polls += 1
         while waiting and read >= waiting[0]:
@@ -374,9 +373,10 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
             continue
         gone = live - {seg.id for seg in model.segments.values()}  # merged or retired now
         stranded = [u for u, p in profiles.items() if p.segment in gone] if gone else []
-        if model.settling and model.version != swept:  # every user placed afresh
-            swept = model.version
-            stranded = [u for u, p in profiles.items() if p.segment is not None]
+        if not swept:  # the stream passes the model's settling time: everyone afresh
+            read_settling |= min(e.timestamp for e in folded) < model.settled_at
+            if read_settling and max(e.timestamp for e in folded) >= model.settled_at:
+                swept, stranded = True, [u for u, p in profiles.items() if p.segment]
         place(list(dict.fromkeys([*touched, *stranded, *pending])))
         pending.clear()
     lifecycle = [m.model_dump() for m in model.lifecycle]

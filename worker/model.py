@@ -53,10 +53,10 @@ The model of record is River: a `StandardScaler` learns the population online an
 * Membership. `assign_many` keeps a user in their current segment unless another centre
   is closer by more than `switch_margin` (relative), so boundary users do not flap. Not
   while the model settles (refits may still redraw what ids mean), and a segment
-  adaptation added takes users without that margin for `adopt_days`. A version made
-  while settling (`settling`) has every user placed afresh, not only those whose events
-  come: placed by an earlier version, a quiet user may hold an id that means something
-  else now.
+  adaptation added takes users without that margin for `adopt_days`. Once the stream
+  passes `settled_at`, workers place every user afresh, not only those whose events
+  come: placed by a settling version, a quiet user may hold an id that meant something
+  else then.
 
 Learning and assigning are separate calls so that one worker can train while every
 worker assigns with the same published snapshot (see `worker/coordination.py`).
@@ -261,17 +261,10 @@ class SegmentModel:
         adaptation added it (a seeded segment was not added)."""
         window = self._settings.adopt_days * DAY_MS
         added = [s.created_at + window if s.created_at > self._seeded_at else 0 for s in segments]
-        return np.asarray(np.maximum(np.array(added, dtype=float), self._settled_at))
+        return np.asarray(np.maximum(np.array(added, dtype=float), self.settled_at))
 
     @property
-    def settling(self) -> bool:
-        """Whether this version's centres come from a (re)fit made while the cold-started
-        model settles: such a refit may redraw what the ids mean, so a user placed by an
-        earlier version may be in a segment that now means something else."""
-        return self.ready and self._refitted_at < self._settled_at
-
-    @property
-    def _settled_at(self) -> float:
+    def settled_at(self) -> float:
         """Event time from which the cold-started model counts as settled."""
         return self._seeded_at + self._settings.settle_days * DAY_MS
 
@@ -362,7 +355,7 @@ class SegmentModel:
         points = self._standardized(list(self.reservoir.values()))
         previous = dict(self.segments)
         order = sorted(previous)
-        settled = event_ts >= self._settled_at
+        settled = event_ts >= self.settled_at
         merged = self._converged(dict(zip(order, self._centres(), strict=True))) if settled else {}
         anchors = self._standardized([self.anchors[i] for i in order])
         old = dict(zip(order, anchors, strict=True))
