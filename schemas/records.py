@@ -57,6 +57,12 @@ class RedisKeys:
         return f"{self.prefix}:offsets"
 
     @property
+    def swept(self) -> str:
+        """Hash `topic:partition` -> the settling time (epoch ms) of the model whose
+        settling ended with that partition's users placed afresh."""
+        return f"{self.prefix}:swept"
+
+    @property
     def format(self) -> str:
         """The KEY_FORMAT the writer uses, so readers notice a layout change."""
         return f"{self.prefix}:format"

@@ -591,12 +591,13 @@ def test_settled_gc_freezes_what_exists_and_restores_the_collector() -> None:
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
 
 
-def test_once_the_model_settles_every_user_is_placed_afresh(
+def test_once_the_model_settles_every_user_is_placed_afresh_once(
     settings: Settings, redis_client: redis.Redis, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """While the model settles a refit may redraw what the ids mean, and users follow it
     only at their own events: when the stream passes the settling time, workers place
-    every user afresh, quiet ones too, a chunk at a time."""
+    every user afresh, quiet ones too, a chunk at a time; once per partition, so a
+    restart does not do it again, unless it was cut short."""
     unsettled = settings.model.model_copy(update={"settle_days": 1000.0})
     shop, _ = run_shop(
         settings.model_copy(update={"model": unsettled}), start_worker, 300, 4000, 29, 2
@@ -606,57 +607,73 @@ def test_once_the_model_settles_every_user_is_placed_afresh(
         unsettled,
         orjson.loads(redis_client.hget(keys.model, "state")),  # type: ignore[arg-type]
     )
-    # A settling refit redraws the ids' meaning: the two largest segments swap centres.
     reader = SegmentReader(redis_client)
-    members = {
-        s: {m.decode() for m in redis_client.zrange(keys.members(s), 0, -1)}
-        for s in reader.segments()
-    }
-    a, b = sorted(members, key=lambda s: len(members[s]))[-2:]
+
+    def members(segment: str) -> set[str]:
+        return {m.decode() for m in redis_client.zrange(keys.members(segment), 0, -1)}
+
+    before = {s: members(s) for s in reader.segments()}
+    a, b = sorted(before, key=lambda s: len(before[s]))[-2:]
     index = {seg.id: i for i, seg in model.segments.items()}
-    i, j = index[a], index[b]
-    model.kmeans.centers[i], model.kmeans.centers[j] = (
-        model.kmeans.centers[j],
-        model.kmeans.centers[i],
-    )
-    model.anchors[i], model.anchors[j] = model.anchors[j], model.anchors[i]
-    model.version += 1
-    model.revision += 1
-    model.rename()
-    redis_client.hset(
-        keys.model, mapping={"state": orjson.dumps(model.to_state()), "revision": model.revision}
-    )
-    # The model settles just after the shop's last event; one user's two late events
-    # take the stream past it.
+
+    def swap_and_publish() -> None:
+        """A settling refit redraws the ids' meaning: a and b swap centres."""
+        i, j = index[a], index[b]
+        centers = model.kmeans.centers
+        centers[i], centers[j] = centers[j], centers[i]
+        model.anchors[i], model.anchors[j] = model.anchors[j], model.anchors[i]
+        model.version += 1
+        model.revision += 1
+        model.rename()
+        state = orjson.dumps(model.to_state())
+        redis_client.hset(keys.model, mapping={"state": state, "revision": model.revision})
+
+    # The model settles just after the shop's last event; each run below brings an
+    # active user's event past it.
     last = max(event_ms(e) for e in shop.events)
     days = (last + 1 - model.to_state()["seeded_at"]) / DAY_MS
-    settling = settings.model.model_copy(update={"settle_days": days})
-    settings = settings.model_copy(update={"model": settling})
-    active = next(iter(members[a]))
-    produce(
-        [
-            {"event_id": f"late-{n}", "event_type": "page_view", "user_id": active, "timestamp": ts}
-            for n, ts in enumerate((last - 1000, last + 60_000))
-        ],
-        settings,
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"settle_days": days})}
     )
+    active = sorted(set().union(*before.values()))[0]
+
+    def run_past_settling(run: int) -> None:
+        late = {"event_type": "page_view", "user_id": active, "timestamp": last + run * 60_000}
+        produce([{**late, "event_id": f"late-{run}"}], settings)
+        start_worker(settings).join()
+
+    swap_and_publish()
     monkeypatch.setattr("worker.app.SWEEP_CHUNK", 40)  # several chunks for 300 users
-    start_worker(settings).join()
-    model = SegmentModel.from_state(settling, model.to_state())
-    quiet = sorted(set().union(*members.values()) - {active})
+    run_past_settling(1)
+    settling = settings.model
+    quiet = sorted(set().union(*before.values()) - {active})
     blobs = redis_client.mget([keys.profile(u) for u in quiet])
     profiles = [Profile.decode(u, blob) for u, blob in zip(quiet, blobs, strict=True)]
-    assert all(p.last_ts < model.settled_at for p in profiles)
+    adopted = SegmentModel.from_state(settling, model.to_state())
+    assert all(p.last_ts < adopted.settled_at for p in profiles)
     extract = FeatureExtractor(settings.profile)
-    nearest = model.assign_many([extract(p) for p in profiles], [None] * len(quiet))
+    nearest = adopted.assign_many([extract(p) for p in profiles], [None] * len(quiet))
     for user, placed in zip(quiet, nearest, strict=True):
         stored = reader.get(user)
         assert stored is not None
         assert (stored.segment, stored.model_version) == (placed.segment, model.version)
-    followed = {m.decode() for m in redis_client.zrange(keys.members(a), 0, -1)} & members[b]
-    assert len(followed) > len(members[b]) / 2  # b's users follow their centre to a
+    followed = members(a) & before[b]
+    assert len(followed) > len(before[b]) / 2  # b's users follow their centre to a
     changes = [
         orjson.loads(m.value) for m in read_topic(settings, settings.kafka.changes_topic, 100_000)
     ]
     moved = {(c["user_id"], c["to"]) for c in changes if c["model_version"] == model.version}
     assert {(user, a) for user in followed} <= moved
+    marks = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.swept).items()}
+    topics = (settings.kafka.clickstream_topic, settings.kafka.purchases_topic)
+    assert marks == {f"{t}:{p}": int(adopted.settled_at) for t in topics for p in (0, 1)}
+
+    # Restarted, with every partition swept: a newer version moves no quiet user.
+    swap_and_publish()
+    run_past_settling(2)
+    assert followed - {active} <= members(a)
+    # A sweep cut short leaves its partitions unmarked: the next worker does it.
+    redis_client.delete(keys.swept)
+    run_past_settling(3)
+    assert followed - {active} <= members(b)
+    assert len(redis_client.hgetall(keys.swept)) == 4

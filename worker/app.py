@@ -122,9 +122,13 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
         self._pending_check = False
-        self._read_settling = False  # read events from before the model settled
-        self._swept_at = 0.0  # the settling time whose sweep this worker has queued
-        self._unswept: deque[str] = deque()  # users that sweep has yet to place
+        # The sweep once the model has settled: for which settling time it was planned
+        # (0: not for these partitions yet), which partitions it covers, the users it has
+        # yet to place, and whether all its writes landed.
+        self._sweep_for = 0
+        self._sweeping: set[tuple[str, int]] = set()
+        self._unswept: deque[str] = deque()
+        self._sweep_landed = True
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
         self.report_drift = DriftReport(metrics)
@@ -250,6 +254,7 @@ class Worker:
         previous owner left waiting for a model."""
         self._expected.update(applied)
         self._pending_check = True
+        self._sweep_for = 0  # the new partitions may be due a sweep
         # Whatever the cache holds of these partitions predates their previous owner's
         # writes: read them afresh from Redis.
         self.cache.drop_partitions(set(applied))
@@ -266,47 +271,60 @@ class Worker:
         self._place(batch, waiting)
 
     def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
-        """Once the stream passes the model's settling time, queue every segmented user
-        to be placed afresh (`_sweep`). While the model settles, refits may redraw what
-        the ids mean, and users follow the nearest centre only at their own events: a
-        quiet one may hold an id that meant something else when they were placed. From
-        then on the margin holds users where they are, and would hold them there."""
-        if not events or not self.model.ready or self._swept_at == self.model.settled_at:
+        """Once the stream passes the model's settling time, place afresh every segmented
+        user of this worker's partitions that no worker has swept for it yet (`_sweep`,
+        marks in `seg:swept`). While the model settles, refits may redraw what the ids
+        mean, and users follow the nearest centre only at their own events: a quiet one
+        may hold an id that meant something else when they were placed. From then on
+        the margin holds users where they are, and would hold them there."""
+        if not events or not self.model.ready or self._sweep_for == int(self.model.settled_at):
             return
-        settled_at = self.model.settled_at
-        self._read_settling |= min(e.timestamp for e in events) < settled_at
-        if self._read_settling and max(e.timestamp for e in events) >= settled_at:
-            self._swept_at = settled_at
-            live = {seg.id for seg in self.model.segments.values()}
-            self._unswept = deque(sorted(self.store.members(live)))
+        if max(e.timestamp for e in events) < self.model.settled_at:
+            return
+        self._sweep_for = int(self.model.settled_at)
+        owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
+        self._sweeping = owned - self.store.swept(owned, self._sweep_for)
+        live = {seg.id for seg in self.model.segments.values()}
+        self._unswept = deque(sorted(self.store.members(live)) if self._sweeping else [])
+        self._sweep_landed = True
+        if self._sweeping:
             log.info(
-                "the model has settled: placing afresh the users of this worker's partitions "
-                "among %d segmented users",
+                "the model has settled: placing afresh the users of %d partitions "
+                "(among %d segmented users)",
+                len(self._sweeping),
                 len(self._unswept),
             )
 
     def _sweep(self) -> None:
-        """Place the next chunk of users afresh, in a write of its own."""
+        """Place the next chunk of users afresh, in a write of its own; mark the
+        partitions swept once all of it landed."""
         chunk = [self._unswept.popleft() for _ in range(min(SWEEP_CHUNK, len(self._unswept)))]
         batch = BatchWrite()
-        self._place(batch, set(chunk))
+        self._place(batch, set(chunk), self._sweeping)
         self.outbox.flush()
-        if batch:
-            self._write(batch)
+        if batch and self._write(batch) is None:
+            self._sweep_landed = False  # another worker owns some of them now
         self.cache.trim()
+        if not self._unswept and self._sweep_landed:
+            owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
+            self.store.mark_swept(self._sweeping & owned, self._sweep_for)
 
-    def _place(self, batch: BatchWrite, waiting: set[str]) -> None:
-        """Segment those of these users whose partitions this worker owns."""
+    def _place(
+        self, batch: BatchWrite, waiting: set[str], within: set[tuple[str, int]] | None = None
+    ) -> None:
+        """Segment those of these users whose partitions this worker owns (and are
+        `within` these, when given)."""
         self._load_missing(waiting)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
+        targets = owned if within is None else owned & within
         mine: dict[str, Profile] = {}
         for user_id in sorted(waiting):
             profile = self.cache.get(user_id)
             if profile is None:  # deleted or expired meanwhile
                 batch.assigned_pending.add(user_id)
-            elif profile.owned_by(owned):
+            elif profile.owned_by(targets):
                 mine[user_id] = profile
-            else:  # another worker's user: do not keep a copy that will go stale
+            elif not profile.owned_by(owned):  # another worker's: a copy would go stale
                 self.cache.discard([user_id])
         if mine:
             self._assign_all(batch, mine, [self.features(p) for p in mine.values()])

@@ -344,7 +344,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
 
     waiting = sorted(marks)  # snapshots are taken once this many events are read
     read = 0
-    read_settling = swept = False  # as a worker's `_watch_settling`
+    swept = False  # as a worker's `_watch_settling`
     for batch in cut.batches(shop.events, marks):
         polls += 1
         while waiting and read >= waiting[0]:
@@ -373,10 +373,9 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
             continue
         gone = live - {seg.id for seg in model.segments.values()}  # merged or retired now
         stranded = [u for u, p in profiles.items() if p.segment in gone] if gone else []
-        if not swept:  # the stream passes the model's settling time: everyone afresh
-            read_settling |= min(e.timestamp for e in folded) < model.settled_at
-            if read_settling and max(e.timestamp for e in folded) >= model.settled_at:
-                swept, stranded = True, [u for u, p in profiles.items() if p.segment]
+        if not swept and max(e.timestamp for e in folded) >= model.settled_at:
+            swept = True  # the stream passed the model's settling time: everyone afresh
+            stranded = [u for u, p in profiles.items() if p.segment]
         place(list(dict.fromkeys([*touched, *stranded, *pending])))
         pending.clear()
     lifecycle = [m.model_dump() for m in model.lifecycle]

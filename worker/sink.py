@@ -167,6 +167,7 @@ class RedisStore:
         "load_model",
         "model_lease",
         "load_pending",
+        "swept",
     )
 
     def __init__(
@@ -234,6 +235,26 @@ class RedisStore:
         fields = [f"{topic}:{partition}" for topic, partition in partitions]
         values = self._call("load_offsets", lambda: self._redis.hmget(self._keys.offsets, fields))
         return {tp: int(v) for tp, v in zip(partitions, values, strict=True) if v is not None}
+
+    def swept(self, partitions: set[tuple[str, int]], settled_at: int) -> set[tuple[str, int]]:
+        """Those of these partitions whose users were placed afresh when the model with
+        this settling time settled."""
+        ordered = sorted(partitions)
+        fields = [f"{topic}:{partition}" for topic, partition in ordered]
+        values = self._call(
+            "swept", lambda: self._redis.hmget(self._keys.swept, fields) if fields else []
+        )
+        return {tp for tp, v in zip(ordered, values, strict=True) if v and int(v) == settled_at}
+
+    def mark_swept(self, partitions: set[tuple[str, int]], settled_at: int) -> None:
+        if not partitions:
+            return
+        self._call(
+            "swept",
+            lambda: self._redis.hset(
+                self._keys.swept, mapping={f"{t}:{p}": settled_at for t, p in partitions}
+            ),
+        )
 
     def write(
         self,
