@@ -308,6 +308,7 @@ class Worker:
         if not self._unswept and self._sweep_landed:
             owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
             self.store.mark_swept(self._sweeping & owned, self._sweep_for)
+            log.info("users of %d partitions placed afresh", len(self._sweeping & owned))
 
     def _place(
         self, batch: BatchWrite, waiting: set[str], within: set[tuple[str, int]] | None = None
