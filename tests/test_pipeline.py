@@ -25,7 +25,7 @@ from worker.app import BatchStats, Worker, settled_gc
 from worker.coordination import ModelCoordinator
 from worker.features import FeatureExtractor
 from worker.generator import Shop, event_ms, generate
-from worker.metrics import Metrics
+from worker.metrics import CHANGE_CAUSES, Metrics
 from worker.model import SegmentModel
 from worker.profiles import DAY_MS, Profile
 from worker.replay import produce
@@ -281,7 +281,13 @@ def test_segment_changes_are_published(
     settings: Settings, redis_client: redis.Redis, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
     shop, running = run_shop(settings, start_worker, 150, 2000, seed=24, partitions=2)
-    published = running.worker.metrics.segment_changes.collect()[0].samples[0].value
+    registry = running.worker.metrics.registry
+    counted = {
+        cause: registry.get_sample_value("segmentation_segment_changes_total", {"cause": cause})
+        for cause in CHANGE_CAUSES
+    }
+    assert counted["settled"] == 0  # the shop ends before the model settles
+    published = sum(n or 0 for n in counted.values())
     changes = [
         orjson.loads(m.value)
         for m in read_topic(settings, settings.kafka.changes_topic, int(published))
@@ -637,14 +643,20 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     )
     active = sorted(set().union(*before.values()))[0]
 
-    def run_past_settling(run: int) -> None:
+    def run_past_settling(run: int) -> float:
+        """The worker's changes counted as the settling sweep's."""
         late = {"event_type": "page_view", "user_id": active, "timestamp": last + run * 60_000}
         produce([{**late, "event_id": f"late-{run}"}], settings)
-        start_worker(settings).join()
+        running = start_worker(settings)
+        running.join()
+        counted = running.worker.metrics.registry.get_sample_value(
+            "segmentation_segment_changes_total", {"cause": "settled"}
+        )
+        return counted or 0.0
 
     swap_and_publish()
     monkeypatch.setattr("worker.app.SWEEP_CHUNK", 40)  # several chunks for 300 users
-    run_past_settling(1)
+    settled_moves = run_past_settling(1)
     settling = settings.model
     quiet = sorted(set().union(*before.values()) - {active})
     blobs = redis_client.mget([keys.profile(u) for u in quiet])
@@ -664,13 +676,14 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     ]
     moved = {(c["user_id"], c["to"]) for c in changes if c["model_version"] == model.version}
     assert {(user, a) for user in followed} <= moved
+    assert settled_moves == len({user for user, _ in moved} - {active})
     marks = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.swept).items()}
     topics = (settings.kafka.clickstream_topic, settings.kafka.purchases_topic)
     assert marks == {f"{t}:{p}": int(adopted.settled_at) for t in topics for p in (0, 1)}
 
     # Restarted, with every partition swept: a newer version moves no quiet user.
     swap_and_publish()
-    run_past_settling(2)
+    assert run_past_settling(2) == 0
     assert followed - {active} <= members(a)
     # A sweep cut short leaves its partitions unmarked: the next worker does it.
     redis_client.delete(keys.swept)

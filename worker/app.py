@@ -268,7 +268,7 @@ class Worker:
         live = {seg.id for seg in self.model.segments.values()}
         waiting |= self.store.members(self.model.ids_ever() - live)
         batch.pending = set()
-        self._place(batch, waiting)
+        self._place(batch, waiting, "model")
 
     def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
         """Once the stream passes the model's settling time, place afresh every segmented
@@ -300,7 +300,7 @@ class Worker:
         partitions swept once all of it landed."""
         chunk = [self._unswept.popleft() for _ in range(min(SWEEP_CHUNK, len(self._unswept)))]
         batch = BatchWrite()
-        self._place(batch, set(chunk), self._sweeping)
+        self._place(batch, set(chunk), "settled", self._sweeping)
         self.outbox.flush()
         if batch and self._write(batch) is None:
             self._sweep_landed = False  # another worker owns some of them now
@@ -311,10 +311,14 @@ class Worker:
             log.info("users of %d partitions placed afresh", len(self._sweeping & owned))
 
     def _place(
-        self, batch: BatchWrite, waiting: set[str], within: set[tuple[str, int]] | None = None
+        self,
+        batch: BatchWrite,
+        waiting: set[str],
+        cause: str,
+        within: set[tuple[str, int]] | None = None,
     ) -> None:
         """Segment those of these users whose partitions this worker owns (and are
-        `within` these, when given)."""
+        `within` these, when given); `cause` labels the changes it makes."""
         self._load_missing(waiting)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
         targets = owned if within is None else owned & within
@@ -328,7 +332,7 @@ class Worker:
             elif not profile.owned_by(owned):  # another worker's: a copy would go stale
                 self.cache.discard([user_id])
         if mine:
-            self._assign_all(batch, mine, [self.features(p) for p in mine.values()])
+            self._assign_all(batch, mine, [self.features(p) for p in mine.values()], cause)
             batch.assigned_pending.update(mine)
 
     def _forget_partitions(self, partitions: set[tuple[str, int]]) -> None:
@@ -468,7 +472,7 @@ class Worker:
             batch.pending.update(batch.profiles)
             return
         features = [self.features(profile) for profile in batch.profiles.values()]
-        self._assign_all(batch, batch.profiles, features)
+        self._assign_all(batch, batch.profiles, features, "event")
 
     def _learn(self, budget: int) -> None:
         """Learn from at most `budget` profiles that became final: a batch learns no more
@@ -485,17 +489,21 @@ class Worker:
                 self.report_drift(detector, learned.detail, event_ts)
 
     def _assign_all(
-        self, batch: BatchWrite, profiles: dict[str, Profile], xs: list[dict[str, float]]
+        self,
+        batch: BatchWrite,
+        profiles: dict[str, Profile],
+        xs: list[dict[str, float]],
+        cause: str,
     ) -> None:
         """Segment these users in one pass of the published model; `xs` are their
-        profiles' features, in the same order."""
+        profiles' features, in the same order; `cause` labels the changes."""
         assignments = self.model.assign_many(
             xs, [p.segment for p in profiles.values()], [p.last_ts for p in profiles.values()]
         )
         for user_id, assignment in zip(list(profiles), assignments, strict=True):
-            self._assign(batch, user_id, assignment)  # may write batch.profiles: a copy
+            self._assign(batch, user_id, assignment, cause)  # may write batch.profiles: a copy
 
-    def _assign(self, batch: BatchWrite, user_id: str, assignment: Assignment) -> None:
+    def _assign(self, batch: BatchWrite, user_id: str, assignment: Assignment, cause: str) -> None:
         profile = self.cache.get(user_id)
         if profile is None:  # a warm-up user evicted since; its profile is in Redis
             self._load_missing([user_id])
@@ -513,7 +521,7 @@ class Worker:
                     timestamp=profile.last_ts,
                 )
             )
-            self.metrics.segment_changes.inc()
+            self.metrics.segment_changes.labels(cause).inc()
             if profile.segment is not None:
                 batch.moved_from.setdefault(user_id, profile.segment)
             profile.segment = assignment.segment

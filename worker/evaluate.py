@@ -82,13 +82,15 @@ class Snapshot:
 @dataclass
 class Outcome:
     """What a run left for scoring: Redis at the marks and at the end, the
-    `segment-lifecycle` and `segment-changes` messages, and the events applied."""
+    `segment-lifecycle` and `segment-changes` messages, the events applied, and the
+    moves of the sweep that placed everyone afresh when the model settled."""
 
     snapshots: list[Snapshot]
     end: Snapshot
     lifecycle: list[dict[str, Any]]
     changes: list[dict[str, Any]]
     applied: int
+    settled_moves: int
 
 
 @dataclass
@@ -126,7 +128,8 @@ class Evaluation:
             "quality": quality(settings, shop.truth, outcome.end.segments, outcome.end.profiles),
             "stability": stability(
                 shop, outcome.lifecycle, outcome.changes, settings.model.settle_days
-            ),
+            )
+            | {"moves_when_settled": outcome.settled_moves},
             "recovery": recovery(settings, shop.truth, outcome.snapshots, outcome.end),
             "drift": drift_response(shop, times, outcome.lifecycle, settings.model.settle_days),
             "segments": composition(shop.truth, outcome.end.segments),
@@ -181,6 +184,12 @@ class Evaluation:
             read_all(settings, settings.kafka.lifecycle_topic),
             read_all(settings, settings.kafka.changes_topic),
             worker.totals.applied,
+            int(
+                worker.metrics.registry.get_sample_value(
+                    "segmentation_segment_changes_total", {"cause": "settled"}
+                )
+                or 0
+            ),
         )
 
     def _own_topics(self) -> Settings:
@@ -344,7 +353,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
 
     waiting = sorted(marks)  # snapshots are taken once this many events are read
     read = 0
-    swept = False  # as a worker's `_watch_settling`
+    settled_moves: int | None = None  # of the sweep when the model settles, once done
     for batch in cut.batches(shop.events, marks):
         polls += 1
         while waiting and read >= waiting[0]:
@@ -373,13 +382,14 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
             continue
         gone = live - {seg.id for seg in model.segments.values()}  # merged or retired now
         stranded = [u for u, p in profiles.items() if p.segment in gone] if gone else []
-        if not swept and max(e.timestamp for e in folded) >= model.settled_at:
-            swept = True  # the stream passed the model's settling time: everyone afresh
-            stranded = [u for u, p in profiles.items() if p.segment]
+        if settled_moves is None and max(e.timestamp for e in folded) >= model.settled_at:
+            before = len(changes)  # the stream passed the settling time: everyone afresh
+            place([u for u, p in profiles.items() if p.segment and u not in touched])
+            settled_moves = len(changes) - before
         place(list(dict.fromkeys([*touched, *stranded, *pending])))
         pending.clear()
     lifecycle = [m.model_dump() for m in model.lifecycle]
-    return Outcome(snapshots, snapshot(), lifecycle, changes, len(shop.events))
+    return Outcome(snapshots, snapshot(), lifecycle, changes, len(shop.events), settled_moves or 0)
 
 
 def quality(
@@ -688,6 +698,7 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"{s.get('moves_home')}",
             "",
         ),
+        ("moves when the model settled (everyone placed afresh)", f"{s['moves_when_settled']}", ""),
         ("false alarms per 100k stationary events", f"{d['false_alarms_per_100k']}", "≤ 1"),
     ]
     if r := figures["recovery"]:

@@ -13,6 +13,7 @@ LATENCY_BUCKETS = (
     *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
 )
 DISTANCE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
+CHANGE_CAUSES = ("event", "model", "settled")  # why a user's segment changed
 
 
 class Metrics:
@@ -66,9 +67,14 @@ class Metrics:
         )
         self.segment_changes = Counter(
             "segmentation_segment_changes",
-            "Users whose segment changed (first one included).",
+            "Users whose segment changed (first one included), by cause: their own event, "
+            "the model (a first model for users who waited, or their segment retired or "
+            "merged), or the sweep that places everyone afresh once the model has settled.",
+            ["cause"],
             registry=r,
         )
+        for cause in CHANGE_CAUSES:  # exported at 0 from the start
+            self.segment_changes.labels(cause)
         self.drift = Counter(
             "segmentation_drift_detected",
             "Drift detections, by detector.",
