@@ -7,7 +7,8 @@ Per poll batch, in order:
 Nothing is committed before Redis holds the result, so a crash anywhere replays, and
 the fences in Redis make the replay change nothing twice. Between batches the worker
 syncs the model through Redis (`coordination.py`): one worker trains and publishes, all
-assign with the published revision.
+assign with the published revision. Once the model has settled, it also places every
+user of its partitions afresh, a chunk between batches (`_watch_settling`).
 """
 
 from __future__ import annotations
