@@ -30,6 +30,7 @@ from worker.model import SegmentModel
 from worker.profiles import DAY_MS, Profile
 from worker.replay import produce
 from worker.retry import Backoff
+from worker.sink import RedisStore
 from worker.source import KafkaSource, Record, ensure_topics, kafka_client_config
 
 pytestmark = pytest.mark.integration
@@ -598,12 +599,21 @@ def test_settled_gc_freezes_what_exists_and_restores_the_collector() -> None:
 
 
 def test_once_the_model_settles_every_user_is_placed_afresh_once(
-    settings: Settings, redis_client: redis.Redis, start_worker, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    redis_client: redis.Redis,
+    start_worker,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:  # type: ignore[no-untyped-def]
     """While the model settles a refit may redraw what the ids mean, and users follow it
     only at their own events: when the stream passes the settling time, workers place
     every user afresh, quiet ones too, a chunk at a time; once per partition, so a
     restart does not do it again, unless it was cut short."""
+    # Sorted sets encoded as a big shop's are (not as small listpacks, which a scan
+    # returns whole), so the sweep's scans take the chunks they ask for.
+    entries = redis_client.config_get("zset-max-listpack-entries")["zset-max-listpack-entries"]
+    redis_client.config_set("zset-max-listpack-entries", 0)
+    request.addfinalizer(lambda: redis_client.config_set("zset-max-listpack-entries", entries))
     unsettled = settings.model.model_copy(update={"settle_days": 1000.0})
     shop, _ = run_shop(
         settings.model_copy(update={"model": unsettled}), start_worker, 300, 4000, 29, 2
@@ -656,7 +666,19 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
 
     swap_and_publish()
     monkeypatch.setattr("worker.app.SWEEP_CHUNK", 40)  # several chunks for 300 users
+    scans: list[int] = []
+    scan = RedisStore.scan_members
+
+    def scan_counted(
+        store: RedisStore, segment: str, cursor: int, count: int
+    ) -> tuple[int, list[str]]:
+        cursor, users = scan(store, segment, cursor, count)
+        scans.append(len(users))
+        return cursor, users
+
+    monkeypatch.setattr(RedisStore, "scan_members", scan_counted)
     settled_moves = run_past_settling(1)
+    assert len(scans) > len(before) and max(scans) < 100  # in chunks, not segment by segment
     settling = settings.model
     quiet = sorted(set().union(*before.values()) - {active})
     blobs = redis_client.mget([keys.profile(u) for u in quiet])

@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
@@ -51,8 +50,8 @@ from worker.source import KafkaSource, Record
 
 log = logging.getLogger(__name__)
 
-# Users placed afresh per turn of the loop once the model has settled (`_watch_settling`):
-# bounds the profiles that sweep holds at once.
+# Members scanned and placed afresh per turn of the loop once the model has settled
+# (`_watch_settling`): bounds the users and profiles that sweep holds at once.
 SWEEP_CHUNK = 2_000
 
 
@@ -124,11 +123,13 @@ class Worker:
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
         self._pending_check = False
         # The sweep once the model has settled: for which settling time it was planned
-        # (0: not for these partitions yet), which partitions it covers, the users it has
-        # yet to place, and whether all its writes landed.
+        # (0: not for these partitions yet), which partitions it covers, the segments
+        # whose members it has yet to scan and the cursor in the first, and whether all
+        # its writes landed.
         self._sweep_for = 0
         self._sweeping: set[tuple[str, int]] = set()
-        self._unswept: deque[str] = deque()
+        self._unswept: list[str] = []
+        self._sweep_cursor = 0
         self._sweep_landed = True
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
@@ -285,21 +286,27 @@ class Worker:
         self._sweep_for = int(self.model.settled_at)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
         self._sweeping = owned - self.store.swept(owned, self._sweep_for)
-        live = {seg.id for seg in self.model.segments.values()}
-        self._unswept = deque(sorted(self.store.members(live)) if self._sweeping else [])
+        live = sorted(seg.id for seg in self.model.segments.values())
+        self._unswept = live if self._sweeping else []
+        self._sweep_cursor = 0
         self._sweep_landed = True
         if self._sweeping:
             log.info(
-                "the model has settled: placing afresh the users of %d partitions "
-                "(among %d segmented users)",
+                "the model has settled: placing afresh the users of %d partitions",
                 len(self._sweeping),
-                len(self._unswept),
             )
 
     def _sweep(self) -> None:
-        """Place the next chunk of users afresh, in a write of its own; mark the
-        partitions swept once all of it landed."""
-        chunk = [self._unswept.popleft() for _ in range(min(SWEEP_CHUNK, len(self._unswept)))]
+        """Place the next chunk of a segment's members afresh (a scan, so a sweep never
+        holds more than a chunk of users), in a write of its own; mark the partitions
+        swept once all of it landed. Users the scan returns twice are placed twice: the
+        second time changes nothing."""
+        segment = self._unswept[0]
+        self._sweep_cursor, chunk = self.store.scan_members(
+            segment, self._sweep_cursor, SWEEP_CHUNK
+        )
+        if self._sweep_cursor == 0:
+            self._unswept.pop(0)
         batch = BatchWrite()
         self._place(batch, set(chunk), "settled", self._sweeping)
         self.outbox.flush()

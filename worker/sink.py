@@ -387,6 +387,15 @@ class RedisStore:
 
         return self._call("load_members", read)
 
+    def scan_members(self, segment_id: str, cursor: int, count: int) -> tuple[int, list[str]]:
+        """About `count` members of a segment from `cursor` on, and the cursor to go on
+        from (0: done). Members present throughout are returned at least once."""
+        cursor, scored = self._call(
+            "load_members",
+            lambda: self._redis.zscan(self._keys.members(segment_id), cursor, count=count),
+        )
+        return int(cursor), [text(member) for member, _ in scored]
+
     def pending_users(self) -> list[str]:
         members = self._call("load_pending", lambda: self._redis.smembers(self._keys.pending))
         return [text(m) for m in members]
