@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from config.settings import ModelSettings
-from worker.bench import histogram_quantile, settle_days_within
+from worker.bench import Sample, histogram_quantile, settle_days_within, sustained
 from worker.profiles import DAY_MS
 
 BENCH = [sys.executable, "-m", "worker", "bench"]
@@ -35,6 +35,18 @@ def test_the_latency_stage_model_settles_within_the_warm_up() -> None:
     assert settle_days_within(ten_days, 21.0) == pytest.approx(5.0)
     seventy_days = [{"timestamp": 0}, {"timestamp": int(70 * DAY_MS)}]
     assert settle_days_within(seventy_days, 21.0) == 21.0
+
+
+def test_the_sustained_rate_spans_two_scrapes_even_when_a_run_is_quick() -> None:
+    """From 10 % to 90 % of 1,000 events between two scrapes: the scrape before 10 % and
+    the one at 90 % bound the stretch (the first at 10 % and at 90 % would be the same)."""
+    samples = [Sample(0.0, 0, 0.0), Sample(0.25, 50, 0.1), Sample(0.5, 1000, 0.3)]
+    start, end = sustained(samples, 1000)
+    assert (start.at, end.at) == (0.25, 0.5)
+    steady = [Sample(t / 4, min(250.0 * t, 1000), 0.0) for t in range(6)]
+    assert [s.events for s in sustained(steady, 1000)] == [0.0, 1000]
+    with pytest.raises(RuntimeError, match="too few"):
+        sustained([Sample(0.0, 1000, 0.0)], 1000)
 
 
 @pytest.mark.integration

@@ -259,8 +259,7 @@ class Bench:
             self.progress.update(task, completed=events)
             time.sleep(0.25)
         other_cpu = {name: cpu_seconds(pid) - other_cpu[name] for name, pid in others.items()}
-        start = next(s for s in samples if s.events >= 0.1 * self.events)
-        end = next(s for s in samples if s.events >= 0.9 * self.events)
+        start, end = sustained(samples, self.events)
         rate = (end.events - start.events) / (end.at - start.at)
         cpu_per_1k = (end.cpu - start.cpu) / (end.events - start.events) * 1000
         result: dict[str, Any] = {
@@ -385,6 +384,17 @@ class Bench:
             **quantiles_ms("batch_", BATCH, before, after),
             "cores_while_paced": cores,
         }
+
+
+def sustained(samples: list[Sample], events: int) -> tuple[Sample, Sample]:
+    """The scrapes around the run from 10 % to 90 % of the events: the last before 10 %
+    and the first at 90 % or more, so the two differ even when a short, fast run covers
+    that stretch between two scrapes."""
+    before = [s for s in samples if s.events < 0.1 * events] or samples[:1]
+    end = next(s for s in samples if s.events >= 0.9 * events)
+    if end.at <= before[-1].at:
+        raise RuntimeError(f"{events:,} events went by before the first scrape: too few to time")
+    return before[-1], end
 
 
 def settle_days_within(warm_up: list[dict[str, object]], settle_days: float) -> float:
