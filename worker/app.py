@@ -55,6 +55,25 @@ log = logging.getLogger(__name__)
 SWEEP_CHUNK = 2_000
 
 
+@dataclass(slots=True)
+class Sweep:
+    """Placing afresh, once the model has settled, the users of the partitions that no
+    worker has swept for this settling time (`Worker._watch_settling`)."""
+
+    settled_at: int
+    partitions: set[tuple[str, int]]
+    segments: list[str]  # whose members are yet to be scanned, the cursor in the first
+    cursor: int = 0
+    landed: bool = True  # every chunk written so far was written
+
+    def next_chunk(self, store: RedisStore) -> list[str]:
+        """The next members to place: at most `SWEEP_CHUNK`, maybe some twice (a scan)."""
+        self.cursor, chunk = store.scan_members(self.segments[0], self.cursor, SWEEP_CHUNK)
+        if self.cursor == 0:
+            self.segments.pop(0)
+        return chunk
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     """Records of a batch (or a run): applied, dead-lettered, skipped by a fence."""
@@ -122,15 +141,10 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.coordinator = ModelCoordinator(settings.model, self.store, metrics, self.worker_id)
         self._pending_check = False
-        # The sweep once the model has settled: for which settling time it was planned
-        # (0: not for these partitions yet), which partitions it covers, the segments
-        # whose members it has yet to scan and the cursor in the first, and whether all
-        # its writes landed.
+        # The settling time a sweep was last planned for (0: not for these partitions
+        # yet), and the sweep under way.
         self._sweep_for = 0
-        self._sweeping: set[tuple[str, int]] = set()
-        self._unswept: list[str] = []
-        self._sweep_cursor = 0
-        self._sweep_landed = True
+        self._sweep: Sweep | None = None
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
         self.report_drift = DriftReport(metrics)
@@ -174,7 +188,7 @@ class Worker:
             while not self.stop.is_set():
                 records = self.source.poll()
                 # idle counts once we may consume and no user waits to be placed afresh
-                if records or self._unswept or not self.source.assignment:
+                if records or self._sweep is not None or not self.source.assignment:
                     last_event = time.monotonic()
                 if records:
                     self.totals += self.process(records)
@@ -216,8 +230,8 @@ class Worker:
             self.sync()
         elif self._pending_check and self.model.ready:
             self.sync(publish=False)
-        elif self._unswept:
-            self._sweep()
+        elif self._sweep is not None:
+            self._sweep_chunk(self._sweep)
 
     def _sync_due(self) -> bool:
         """Every checkpoint interval; every second while waiting for a first model."""
@@ -274,7 +288,7 @@ class Worker:
 
     def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
         """Once the stream passes the model's settling time, place afresh every segmented
-        user of this worker's partitions that no worker has swept for it yet (`_sweep`,
+        user of this worker's partitions that no worker has swept for it yet (`_sweep_chunk`,
         marks in `seg:swept`). While the model settles, refits may redraw what the ids
         mean, and users follow the nearest centre only at their own events: a quiet one
         may hold an id that meant something else when they were placed. From then on
@@ -285,38 +299,32 @@ class Worker:
             return
         self._sweep_for = int(self.model.settled_at)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
-        self._sweeping = owned - self.store.swept(owned, self._sweep_for)
-        live = sorted(seg.id for seg in self.model.segments.values())
-        self._unswept = live if self._sweeping else []
-        self._sweep_cursor = 0
-        self._sweep_landed = True
-        if self._sweeping:
+        unswept = owned - self.store.swept(owned, self._sweep_for)
+        self._sweep = None
+        if unswept:
+            live = sorted(seg.id for seg in self.model.segments.values())
+            self._sweep = Sweep(self._sweep_for, unswept, live)
             log.info(
-                "the model has settled: placing afresh the users of %d partitions",
-                len(self._sweeping),
+                "the model has settled: placing afresh the users of %d partitions", len(unswept)
             )
 
-    def _sweep(self) -> None:
-        """Place the next chunk of a segment's members afresh (a scan, so a sweep never
-        holds more than a chunk of users), in a write of its own; mark the partitions
-        swept once all of it landed. Users the scan returns twice are placed twice: the
-        second time changes nothing."""
-        segment = self._unswept[0]
-        self._sweep_cursor, chunk = self.store.scan_members(
-            segment, self._sweep_cursor, SWEEP_CHUNK
-        )
-        if self._sweep_cursor == 0:
-            self._unswept.pop(0)
+    def _sweep_chunk(self, sweep: Sweep) -> None:
+        """Place the sweep's next chunk afresh (a scan, so a sweep never holds more than a
+        chunk of users), in a write of its own; mark the partitions swept once all of it
+        landed. Users the scan returns twice are placed twice: the second time changes
+        nothing."""
         batch = BatchWrite()
-        self._place(batch, set(chunk), "settled", self._sweeping)
+        self._place(batch, set(sweep.next_chunk(self.store)), "settled", sweep.partitions)
         self.outbox.flush()
         if batch and self._write(batch) is None:
-            self._sweep_landed = False  # another worker owns some of them now
+            sweep.landed = False  # another worker owns some of them now
         self.cache.trim()
-        if not self._unswept and self._sweep_landed:
-            owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
-            self.store.mark_swept(self._sweeping & owned, self._sweep_for)
-            log.info("users of %d partitions placed afresh", len(self._sweeping & owned))
+        if not sweep.segments:
+            self._sweep = None
+            if sweep.landed:
+                owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
+                self.store.mark_swept(sweep.partitions & owned, sweep.settled_at)
+                log.info("users of %d partitions placed afresh", len(sweep.partitions & owned))
 
     def _place(
         self,
