@@ -346,7 +346,7 @@ def bench(
     latency_rate: Annotated[
         float | None,
         typer.Option(
-            min=100, help="Events/s offered in the latency run [default: half the full speed]."
+            min=100, help="Events/s offered in the latency run (default: half the full speed)."
         ),
     ] = None,
     embedded: EmbeddedOption = True,
