@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -30,7 +31,7 @@ from worker.model import SegmentModel
 from worker.profiles import DAY_MS, Profile
 from worker.replay import produce
 from worker.retry import Backoff
-from worker.sink import RedisStore
+from worker.sink import BatchWrite, RedisStore
 from worker.source import KafkaSource, Record, ensure_topics, kafka_client_config
 
 pytestmark = pytest.mark.integration
@@ -547,7 +548,7 @@ def test_an_unreadable_published_model_is_replaced_not_a_crash(
 
 
 def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
-    settings: Settings, redis_client: redis.Redis, start_worker
+    settings: Settings, redis_client: redis.Redis, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     run_shop(settings, start_worker, 300, 4000, seed=28, partitions=2)
     keys = RedisKeys()
@@ -572,9 +573,20 @@ def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
         keys.model, mapping={"state": orjson.dumps(model.to_state()), "revision": model.revision}
     )
     members = {m.decode() for m in redis_client.zrange(keys.members(gone), 0, -1)}
-    assert members
+    assert len(members) > 20
+    # The users who wait are placed a chunk at a time, each chunk a write of its own.
+    monkeypatch.setattr("worker.app.PLACE_CHUNK", 10)
+    placed: list[int] = []
+    write = RedisStore.write
+
+    def write_counted(store: RedisStore, batch: BatchWrite, *args: Any) -> dict[str, int]:
+        placed.append(len(batch.segments))
+        return write(store, batch, *args)
+
+    monkeypatch.setattr(RedisStore, "write", write_counted)
     again = start_worker(settings)  # nothing new to consume: it only adopts the revision
     again.join()
+    assert max(placed) <= 10 and sum(placed) >= len(members)
     assert redis_client.zcard(keys.members(gone)) == 0
     assert gone not in reader.segments()
     for user in members:
@@ -666,7 +678,7 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
         return counted or 0.0
 
     swap_and_publish()
-    monkeypatch.setattr("worker.app.SWEEP_CHUNK", 40)  # several chunks for 300 users
+    monkeypatch.setattr("worker.app.PLACE_CHUNK", 40)  # several chunks for 300 users
     scans: list[int] = []
     scan = RedisStore.scan_members
 

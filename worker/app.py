@@ -50,9 +50,10 @@ from worker.source import KafkaSource, Record
 
 log = logging.getLogger(__name__)
 
-# Members scanned and placed afresh per turn of the loop once the model has settled
-# (`_watch_settling`): bounds the users and profiles that sweep holds at once.
-SWEEP_CHUNK = 2_000
+# Users placed per write outside a poll batch: those who waited for a model (`_place_waiting`)
+# and, once the model has settled, everyone (`_watch_settling`). Bounds the users and
+# profiles held at once, and the size of one Redis transaction.
+PLACE_CHUNK = 2_000
 
 
 @dataclass(slots=True)
@@ -67,8 +68,8 @@ class Sweep:
     landed: bool = True  # every chunk written so far was written
 
     def next_chunk(self, store: RedisStore) -> list[str]:
-        """The next members to place: at most `SWEEP_CHUNK`, maybe some twice (a scan)."""
-        self.cursor, chunk = store.scan_members(self.segments[0], self.cursor, SWEEP_CHUNK)
+        """The next members to place: at most `PLACE_CHUNK`, maybe some twice (a scan)."""
+        self.cursor, chunk = store.scan_members(self.segments[0], self.cursor, PLACE_CHUNK)
         if self.cursor == 0:
             self.segments.pop(0)
         return chunk
@@ -248,6 +249,7 @@ class Worker:
         self.outbox.flush()
         if batch:
             self._write(batch)
+        self._place_waiting()
         if self.coordinator.leading and self.model.ready:
             self.store.expire_members(self.model.ids_ever())
 
@@ -262,8 +264,9 @@ class Worker:
                     gauge.remove(segment)
         for record in self.coordinator.take_lifecycle():
             self.outbox.lifecycle(record)
-        if self._pending_check and self.model.ready:
-            self._assign_pending(batch)
+        if batch.pending and self.model.ready:  # this batch's own users who waited
+            self._place(batch, batch.pending, "model")
+            batch.pending = set()
 
     def _on_assigned(self, applied: dict[tuple[str, int], int | None]) -> None:
         """New partitions: remember what Redis holds for them, and look for users their
@@ -275,16 +278,29 @@ class Worker:
         # writes: read them afresh from Redis.
         self.cache.drop_partitions(set(applied))
 
-    def _assign_pending(self, batch: BatchWrite) -> None:
+    def _place_waiting(self) -> None:
         """Segments for waiting users on partitions this worker owns: first segments of
         users who came before any model (`seg:pending`), and new ones for the members of
-        segments the latest model retired or merged away."""
+        segments the latest model retired or merged away. A cold start on a backlog can
+        leave hundreds of thousands waiting, so they are placed `PLACE_CHUNK` at a time,
+        each chunk a write of its own; after a refused write the next sync goes on."""
+        if not (self._pending_check and self.model.ready):
+            return
         self._pending_check = False
-        waiting = set(self.store.pending_users()) | batch.pending
         live = {seg.id for seg in self.model.segments.values()}
-        waiting |= self.store.members(self.model.ids_ever() - live)
-        batch.pending = set()
-        self._place(batch, waiting, "model")
+        waiting = sorted(
+            set(self.store.pending_users()) | self.store.members(self.model.ids_ever() - live)
+        )
+        if waiting:
+            log.info("%d users wait for a model or lost their segment: placing ours", len(waiting))
+        for start in range(0, len(waiting), PLACE_CHUNK):
+            batch = BatchWrite()
+            self._place(batch, set(waiting[start : start + PLACE_CHUNK]), "model")
+            self.outbox.flush()
+            if batch and self._write(batch) is None:
+                self._pending_check = True
+                return
+            self.cache.trim()
 
     def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
         """Once the stream passes the model's settling time, place afresh every segmented
