@@ -283,7 +283,8 @@ class Worker:
         users who came before any model (`seg:pending`), and new ones for the members of
         segments the latest model retired or merged away. A cold start on a backlog can
         leave hundreds of thousands waiting, so they are placed `PLACE_CHUNK` at a time,
-        each chunk a write of its own; after a refused write the next sync goes on."""
+        each chunk a write of its own. A refused write (another worker owns some of these
+        partitions now) ends it: the rebalance under way looks again (`_on_assigned`)."""
         if not (self._pending_check and self.model.ready):
             return
         self._pending_check = False
@@ -298,7 +299,6 @@ class Worker:
             self._place(batch, set(waiting[start : start + PLACE_CHUNK]), "model")
             self.outbox.flush()
             if batch and self._write(batch) is None:
-                self._pending_check = True
                 return
             self.cache.trim()
 
