@@ -65,7 +65,7 @@ class Sweep:
     partitions: set[tuple[str, int]]
     segments: list[str]  # whose members are yet to be scanned, the cursor in the first
     cursor: int = 0
-    landed: bool = True  # every chunk written so far was written
+    landed: bool = True  # no chunk's write refused so far
 
     def next_chunk(self, store: RedisStore) -> list[str]:
         """The next members to place: at most `PLACE_CHUNK`, maybe some twice (a scan)."""
@@ -295,12 +295,8 @@ class Worker:
         if waiting:
             log.info("%d users wait for a model or lost their segment: placing ours", len(waiting))
         for start in range(0, len(waiting), PLACE_CHUNK):
-            batch = BatchWrite()
-            self._place(batch, set(waiting[start : start + PLACE_CHUNK]), "model")
-            self.outbox.flush()
-            if batch and self._write(batch) is None:
+            if not self._place_apart(set(waiting[start : start + PLACE_CHUNK]), "model"):
                 return
-            self.cache.trim()
 
     def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
         """Once the stream passes the model's settling time, place afresh every segmented
@@ -329,18 +325,26 @@ class Worker:
         chunk of users), in a write of its own; mark the partitions swept once all of it
         landed. Users the scan returns twice are placed twice: the second time changes
         nothing."""
-        batch = BatchWrite()
-        self._place(batch, set(sweep.next_chunk(self.store)), "settled", sweep.partitions)
-        self.outbox.flush()
-        if batch and self._write(batch) is None:
+        if not self._place_apart(set(sweep.next_chunk(self.store)), "settled", sweep.partitions):
             sweep.landed = False  # another worker owns some of them now
-        self.cache.trim()
         if not sweep.segments:
             self._sweep = None
             if sweep.landed:
                 owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
                 self.store.mark_swept(sweep.partitions & owned, sweep.settled_at)
                 log.info("users of %d partitions placed afresh", len(sweep.partitions & owned))
+
+    def _place_apart(
+        self, users: set[str], cause: str, within: set[tuple[str, int]] | None = None
+    ) -> bool:
+        """`_place` these users in a write of their own, outside any poll batch; whether
+        it landed (False: refused, another worker owns some of them now)."""
+        batch = BatchWrite()
+        self._place(batch, users, cause, within)
+        self.outbox.flush()
+        landed = not batch or self._write(batch) is not None
+        self.cache.trim()
+        return landed
 
     def _place(
         self,
