@@ -314,3 +314,34 @@ def test_input_topics_with_different_partition_counts_are_refused(settings: Sett
     assert ran.returncode == 2
     assert "same number of partitions" in ran.stdout + ran.stderr
     assert "Traceback" not in ran.stdout + ran.stderr
+
+
+class ClusterNode(EmbeddedRedis):
+    """A one-node Redis Cluster: a redis-server in cluster mode that serves every slot."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--cluster-enabled", "yes"]
+
+    def start(self) -> ClusterNode:
+        super().start()
+        client = redis.Redis("127.0.0.1", self.port)
+        client.execute_command("CLUSTER ADDSLOTS", *range(16384))
+        wait_for(lambda: client.cluster("info")["cluster_state"] == "ok", what="cluster up")
+        client.close()
+        return self
+
+
+def test_a_redis_cluster_is_refused_at_start_naming_the_setting(settings: Settings) -> None:
+    with ClusterNode() as node:
+        ran = subprocess.run(
+            [*CLI, "run"],
+            env=worker_env(settings, SEGMENT_REDIS_URL=node.url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        written = redis.Redis("127.0.0.1", node.port).dbsize()
+    assert ran.returncode == 2
+    assert "redis.url names a node of a Redis Cluster" in ran.stderr
+    assert "Traceback" not in ran.stdout + ran.stderr
+    assert written == 0  # refused before the first write

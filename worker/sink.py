@@ -5,9 +5,11 @@ One poll batch becomes one Redis MULTI/EXEC: the users' segments, their profiles
 per-partition applied offsets. Either all of it lands or none of it does, so the offsets
 Redis reports always describe exactly the state Redis holds. The transaction WATCHes the
 offsets and is refused when another worker has written any partition this one owns: the
-batch comes from a worker that lost its partitions in a rebalance it has not noticed yet. On a Redis
-Cluster, where MULTI cannot span slots, the per-user fence inside each profile still makes a replay
-harmless (DESIGN.md, "Delivery").
+batch comes from a worker that lost its partitions in a rebalance it has not noticed yet.
+
+A Redis Cluster runs a transaction only within one hash slot, so it is refused at start
+(`RedisStore.ping`). The per-user fence inside each profile is the part of a cluster-ready
+write that exists: it makes a replay harmless without the transaction (DESIGN.md, "Delivery").
 
 The Kafka outputs (dead letters, segment changes) are flushed before the Redis write, so
 they are delivered at least once: a crash between the two re-sends them on replay.
@@ -26,7 +28,13 @@ import orjson
 import redis
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
-from redis.exceptions import AuthenticationError, BusyLoadingError, ReadOnlyError, WatchError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ReadOnlyError,
+    ResponseError,
+    WatchError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -102,6 +110,20 @@ def stored_profiles(client: redis.Redis, keys: RedisKeys, chunk: int = 5000) -> 
 
 class RedisRejected(Permanent):
     """Redis refused the credentials of `redis.url`."""
+
+
+class RedisClusterUnsupported(Permanent):
+    """`redis.url` names a node of a Redis Cluster (see `RedisStore.ping`)."""
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server is a Redis Cluster node. A server that does not serve INFO
+    (some managed ones restrict it) is taken at its word that it is a plain Redis: a
+    cluster would still refuse the first cross-slot write."""
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except ResponseError:
+        return False
 
 
 class StaleBatch(Exception):
@@ -208,15 +230,23 @@ class RedisStore:
         return result
 
     def ping(self) -> None:
-        """Check Redis answers, and record the key format this worker writes. Refused
-        credentials at start are a configuration error, not an outage to wait out (later,
-        as during a password rotation, they are retried like any other failure)."""
+        """Check Redis answers and is not a cluster node, and record the key format this
+        worker writes. Refused credentials at start are a configuration error, not an
+        outage to wait out (later, as during a password rotation, they are retried like
+        any other failure)."""
+
+        def check() -> None:
+            if _cluster_enabled(self._redis):
+                raise RedisClusterUnsupported(
+                    "redis.url names a node of a Redis Cluster, which the worker cannot "
+                    "write to: each poll batch is one MULTI/EXEC over many users' keys, "
+                    "and a cluster runs a transaction only within one hash slot. Use a "
+                    "standalone Redis or a primary with replicas (cluster mode disabled)."
+                )
+            self._redis.set(self._keys.format, KEY_FORMAT)
+
         try:
-            self._call(
-                "ping",
-                lambda: self._redis.set(self._keys.format, KEY_FORMAT),
-                unless=(AuthenticationError,),
-            )
+            self._call("ping", check, unless=(AuthenticationError,))
         except AuthenticationError as exc:
             raise RedisRejected(f"Redis refused the credentials in redis.url: {exc}") from None
 
