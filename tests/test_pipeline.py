@@ -574,7 +574,8 @@ def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
     )
     members = {m.decode() for m in redis_client.zrange(keys.members(gone), 0, -1)}
     assert len(members) > 20
-    # The users who wait are placed a chunk at a time, each chunk a write of its own.
+    # The users who wait are read and placed a chunk at a time (about one: a scan's count
+    # is a hint to Redis), each chunk a write of its own.
     monkeypatch.setattr("worker.app.PLACE_CHUNK", 10)
     placed: list[int] = []
     write = RedisStore.write
@@ -583,10 +584,23 @@ def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
         placed.append(len(batch.segments))
         return write(store, batch, *args)
 
+    read: list[int] = []
+    scan = RedisStore.scan_members
+
+    def scan_counted(
+        store: RedisStore, segment: str, cursor: int, count: int
+    ) -> tuple[int, list[str]]:
+        cursor, users = scan(store, segment, cursor, count)
+        if segment == gone:
+            read.append(len(users))
+        return cursor, users
+
     monkeypatch.setattr(RedisStore, "write", write_counted)
+    monkeypatch.setattr(RedisStore, "scan_members", scan_counted)
     again = start_worker(settings)  # nothing new to consume: it only adopts the revision
     again.join()
-    assert max(placed) <= 10 and sum(placed) >= len(members)
+    assert len(read) > 1 and max(read) < 2 * 10 and sum(read) >= len(members)
+    assert max(placed) < 2 * 10 and sum(placed) >= len(members)
     assert redis_client.zcard(keys.members(gone)) == 0
     assert gone not in reader.segments()
     for user in members:

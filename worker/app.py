@@ -21,8 +21,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 
 from config.settings import Settings
@@ -54,6 +55,27 @@ log = logging.getLogger(__name__)
 # and, once the model has settled, everyone (`_watch_settling`). Bounds the users and
 # profiles held at once, and the size of one Redis transaction.
 PLACE_CHUNK = 2_000
+Scanner = Callable[[int, int], tuple[int, list[str]]]  # (cursor, count) -> (cursor, ids)
+
+
+@dataclass(slots=True)
+class Scan:
+    """Users read from Redis sets a chunk at a time (SSCAN, ZSCAN), one set after another,
+    so placing the members of a set of millions never holds more than a chunk of ids.
+    Like any scan it may return a user twice: placing one twice changes nothing."""
+
+    sets: list[Scanner]  # yet to be read, the cursor in the first
+    cursor: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.sets)
+
+    def next_chunk(self) -> list[str]:
+        """About `PLACE_CHUNK` users (a scan's count is a hint), maybe none."""
+        self.cursor, chunk = self.sets[0](self.cursor, PLACE_CHUNK)
+        if self.cursor == 0:
+            self.sets.pop(0)
+        return chunk
 
 
 @dataclass(slots=True)
@@ -63,16 +85,8 @@ class Sweep:
 
     settled_at: int
     partitions: set[tuple[str, int]]
-    segments: list[str]  # whose members are yet to be scanned, the cursor in the first
-    cursor: int = 0
+    members: Scan  # of the live segments
     landed: bool = True  # no chunk's write refused so far
-
-    def next_chunk(self, store: RedisStore) -> list[str]:
-        """The next members to place: at most `PLACE_CHUNK`, maybe some twice (a scan)."""
-        self.cursor, chunk = store.scan_members(self.segments[0], self.cursor, PLACE_CHUNK)
-        if self.cursor == 0:
-            self.segments.pop(0)
-        return chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,21 +296,27 @@ class Worker:
         """Segments for waiting users on partitions this worker owns: first segments of
         users who came before any model (`seg:pending`), and new ones for the members of
         segments the latest model retired or merged away. A cold start on a backlog can
-        leave hundreds of thousands waiting, so they are placed `PLACE_CHUNK` at a time,
-        each chunk a write of its own. A refused write (another worker owns some of these
-        partitions now) ends it: the rebalance under way looks again (`_on_assigned`)."""
+        leave hundreds of thousands waiting, and a retired segment may have had millions
+        of members, so they are read and placed a chunk at a time (`Scan`), each chunk a
+        write of its own. A refused write (another worker owns some of these partitions
+        now) ends it: the rebalance under way looks again (`_on_assigned`)."""
         if not (self._pending_check and self.model.ready):
             return
         self._pending_check = False
         live = {seg.id for seg in self.model.segments.values()}
-        waiting = sorted(
-            set(self.store.pending_users()) | self.store.members(self.model.ids_ever() - live)
-        )
-        if waiting:
-            log.info("%d users wait for a model or lost their segment: placing ours", len(waiting))
-        for start in range(0, len(waiting), PLACE_CHUNK):
-            if not self._place_apart(set(waiting[start : start + PLACE_CHUNK]), "model"):
+        gone = sorted(self.model.ids_ever() - live)
+        waiting = Scan([self.store.scan_pending, *self._scan_members(gone)])
+        read = 0
+        while waiting:
+            chunk = set(waiting.next_chunk())
+            read += len(chunk)
+            if chunk and not self._place_apart(chunk, "model"):
                 return
+        if read:
+            log.info("%d users waited for a model or lost their segment: placed ours", read)
+
+    def _scan_members(self, segments: Iterable[str]) -> list[Scanner]:
+        return [partial(self.store.scan_members, segment) for segment in segments]
 
     def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
         """Once the stream passes the model's settling time, place afresh every segmented
@@ -315,7 +335,7 @@ class Worker:
         self._sweep = None
         if unswept:
             live = sorted(seg.id for seg in self.model.segments.values())
-            self._sweep = Sweep(self._sweep_for, unswept, live)
+            self._sweep = Sweep(self._sweep_for, unswept, Scan(self._scan_members(live)))
             log.info(
                 "the model has settled: placing afresh the users of %d partitions", len(unswept)
             )
@@ -325,9 +345,9 @@ class Worker:
         chunk of users), in a write of its own; mark the partitions swept once all of it
         landed. Users the scan returns twice are placed twice: the second time changes
         nothing."""
-        if not self._place_apart(set(sweep.next_chunk(self.store)), "settled", sweep.partitions):
+        if not self._place_apart(set(sweep.members.next_chunk()), "settled", sweep.partitions):
             sweep.landed = False  # another worker owns some of them now
-        if not sweep.segments:
+        if not sweep.members:
             self._sweep = None
             if sweep.landed:
                 owned = {(tp.topic, tp.partition) for tp in self.source.assignment}

@@ -406,17 +406,6 @@ class RedisStore:
 
         return self._call("scan_segments", scan)
 
-    def members(self, segment_ids: Iterable[str]) -> set[str]:
-        """Every user stored as a member of these segments."""
-
-        def read() -> set[str]:
-            pipe = self._redis.pipeline(transaction=False)
-            for segment_id in segment_ids:
-                pipe.zrange(self._keys.members(segment_id), 0, -1)
-            return {text(m) for members in pipe.execute() for m in members}
-
-        return self._call("load_members", read)
-
     def scan_members(self, segment_id: str, cursor: int, count: int) -> tuple[int, list[str]]:
         """About `count` members of a segment from `cursor` on, and the cursor to go on
         from (0: done). Members present throughout are returned at least once."""
@@ -426,9 +415,12 @@ class RedisStore:
         )
         return int(cursor), [text(member) for member, _ in scored]
 
-    def pending_users(self) -> list[str]:
-        members = self._call("load_pending", lambda: self._redis.smembers(self._keys.pending))
-        return [text(m) for m in members]
+    def scan_pending(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """Users waiting for a first model, as `scan_members` reads a segment's."""
+        cursor, members = self._call(
+            "load_pending", lambda: self._redis.sscan(self._keys.pending, cursor, count=count)
+        )
+        return int(cursor), [text(member) for member in members]
 
     def claim_model_lease(self, worker_id: str, ttl_ms: int) -> bool:
         """Become (or stay) the one worker that trains and publishes the model."""
