@@ -317,7 +317,14 @@ def test_input_topics_with_different_partition_counts_are_refused(settings: Sett
 
 
 class ClusterNode(EmbeddedRedis):
-    """A one-node Redis Cluster: a redis-server in cluster mode that serves every slot."""
+    """A one-node Redis Cluster: a redis-server in cluster mode that serves every slot.
+    Its cluster bus listens 10,000 ports above it, so it needs a port below 55,536."""
+
+    def __init__(self) -> None:
+        port = free_port()
+        while port > 55_535:
+            port = free_port()
+        super().__init__(port)
 
     def command(self) -> list[str]:
         return [*super().command(), "--cluster-enabled", "yes"]
