@@ -63,6 +63,12 @@ class RedisKeys:
         return f"{self.prefix}:swept"
 
     @property
+    def learning(self) -> str:
+        """Stream of the profiles the other workers learned from, for the one that trains
+        the model (capped: older entries are dropped)."""
+        return f"{self.prefix}:learning"
+
+    @property
     def format(self) -> str:
         """The KEY_FORMAT the writer uses, so readers notice a layout change."""
         return f"{self.prefix}:format"

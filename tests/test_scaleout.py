@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+from threading import Event
 from typing import Any
 
 import orjson
@@ -16,11 +17,15 @@ from test_chaos import chaos_env
 
 from config.settings import ModelSettings, ProfileSettings, Settings
 from schemas.records import RedisKeys
-from worker.features import FeatureExtractor
+from worker.coordination import ModelCoordinator
+from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
+from worker.metrics import Metrics
 from worker.model import SegmentModel
 from worker.profiles import Profile
 from worker.replay import produce
+from worker.retry import Backoff
+from worker.sink import RedisStore
 from worker.source import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -99,3 +104,57 @@ def test_three_workers_one_killed_share_one_model_and_lose_nothing(
         if model.assign(extract(profile), current=stored).segment != stored:
             disagreeing.append(user)
     assert not disagreeing, f"{len(disagreeing)} users disagree, e.g. {disagreeing[:3]}"
+
+
+def test_the_trainer_of_two_workers_learns_from_both_workers_shoppers(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    """The worker that trains learns from the other's shoppers too, handed over through
+    `seg:learning`: its model learns from as many profiles as one worker's does on the same
+    shop. Learning from its own partitions only, it learned from half (README, Segments)."""
+    ensure_topics(settings.kafka, partitions=4)
+    shop = generate(users=400, events=8000, seed=72)
+    pair = [start_worker(settings, idle=None) for _ in range(2)]
+    wait_for(
+        lambda: all(len(w.worker.source.assignment) == 4 for w in pair),
+        timeout=120,
+        what="both workers assigned",
+    )
+    produce(shop.events, settings)
+    wait_for(lambda: applied(redis_client, "seg") == len(shop.events), timeout=300, what="all")
+    for running in pair:
+        running.stop.set()
+        running.join()
+    alone = settings.model_copy(
+        update={
+            "redis": settings.redis.model_copy(update={"key_prefix": "alone"}),
+            "kafka": settings.kafka.model_copy(update={"group_id": "alone"}),
+        }
+    )
+    start_worker(alone).join()
+
+    def learned(prefix: str) -> float:
+        state = published(redis_client, prefix)
+        assert state is not None
+        return float(max(state["scaler"]["counts"].values()))  # profiles learned from
+
+    assert learned("seg") >= 0.9 * learned("alone"), (learned("seg"), learned("alone"))
+    assert redis_client.xlen(RedisKeys("seg").learning) <= 1  # read, then trimmed
+
+
+def test_a_user_deleted_on_another_worker_leaves_the_trainers_reservoir(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    store = RedisStore(redis_client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
+    trainer = ModelCoordinator(settings.model, store, Metrics(), "trainer")
+    follower = ModelCoordinator(settings.model, store, Metrics(), "follower")
+    trainer.sync()
+    follower.sync()
+    assert trainer.leading and not follower.leading
+    x = {name: 1.0 for name in FEATURES}
+    follower.learn([("kept", x, 1), ("deleted", x, 2)])
+    follower.forget("deleted")
+    follower.learn([])  # hands the deletion over
+    trainer.learn([])
+    assert trainer.trainer is not None
+    assert set(trainer.trainer.reservoir) == {"kept"}

@@ -493,16 +493,13 @@ class Worker:
         if profile.applied(item.position):
             batch.tally[("skipped", "replay")] += 1
             return False
-        training = self.coordinator.leading
-        if training:
-            self.learning.before_fold(profile, event.timestamp)
+        self.learning.before_fold(profile, event.timestamp)
         if not self.updater.apply(profile, event, item.position):
             batch.tally[("skipped", "duplicate_event_id")] += 1
             return False
-        if training:
-            self.learning.after_fold(
-                profile, event.timestamp, (item.position.topic, item.position.partition)
-            )
+        self.learning.after_fold(
+            profile, event.timestamp, (item.position.topic, item.position.partition)
+        )
         self.cache.put(profile)
         batch.profiles[profile.user_id] = profile
         batch.tally[("events", item.position.topic, event.event_type)] += 1
@@ -533,12 +530,9 @@ class Worker:
     def _learn(self, budget: int) -> None:
         """Learn from at most `budget` profiles that became final: a batch learns no more
         than its events (each profile learned took one at least), so a busy window's
-        learning is spread over batches; an idle worker learns whatever waits."""
-        if not self.coordinator.leading:
-            self.learning.clear()  # another worker trains: keep nothing for it
-            return
-        for user_id, x, event_ts in self.learning.take(budget):
-            learned = self.coordinator.learn(user_id, x, event_ts)
+        learning is spread over batches; an idle worker learns whatever waits. A worker
+        that does not train hands them to the one that does (`coordination.py`)."""
+        for event_ts, learned in self.coordinator.learn(self.learning.take(budget)):
             if learned.seeded or learned.adapted:
                 self._sync_now = True  # publish the new segments now, not at the next interval
             for detector in learned.drifts:

@@ -414,6 +414,15 @@ def evaluate(
             "(partition runs, the shop 5,000 events ahead), reproducibly by this seed.",
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=4,
+            help="Workers in the consumer group, at most one per partition (4): one "
+            "model, the partitions shared, as scaled out. The pipeline only.",
+        ),
+    ] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Run a generated shop through the pipeline; score segments, stability and drift."""
@@ -422,6 +431,8 @@ def evaluate(
 
     if cut is not None and not replay:
         raise typer.BadParameter("a cut is a way of replaying: add --replay", param_hint="--cut")
+    if workers > 1 and replay:
+        raise typer.BadParameter("a replay has no workers: drop --replay", param_hint="--workers")
     settings = _settings(config)
     logging.getLogger("worker").setLevel(logging.WARNING)
     evaluation = partial(Evaluation, users=users, events=events, seed=seed, drifts=drifts)
@@ -430,7 +441,7 @@ def evaluate(
             figures = evaluation(settings, replay=True, cut=cut).run()
         else:
             with servers(settings, embedded) as (where, _, _):
-                figures = evaluation(where).run()
+                figures = evaluation(where, workers=workers).run()
     _report(figures, as_json, "segment-worker evaluate", rows(figures))
     if as_json:
         return

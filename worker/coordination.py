@@ -1,17 +1,25 @@
 """One model for every worker of the consumer group, shared through Redis.
 
-The worker holding the lease in `seg:model` trains a copy of the model (`trainer`) on the
-events of its partitions, a uniform sample of users since partitions hash user ids, and
+The worker holding the lease in `seg:model` trains a copy of the model (`trainer`) and
 publishes it as a new revision every `model.checkpoint_interval_s`. Every worker, the
 leader included, assigns with the latest published revision (`model`). So a profile gets
 the same segment from whichever worker holds its partition, segments move in steps all
 workers take together, and when the leader dies the next worker to claim the expired
 lease (three intervals) goes on training from the last publication.
+
+The trainer learns from every worker's shoppers: the others hand it the profiles they
+would have learned from through a Redis stream (`seg:learning`), with the users deleted
+meanwhile. Learning only from its own partitions, the model of two workers saw half the
+shop, and its adaptation and drift detectors, which count learned profiles, ran at half
+the pace of the events (one evaluation: ARI 0.807 against 0.849-0.855 for one worker,
+the sale's segment after 29,830 events against about 10,000). The `events` detector
+still watches the events of the leader's partitions only.
 """
 
 from __future__ import annotations
 
 import logging
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -19,11 +27,13 @@ import orjson
 from config.settings import ModelSettings
 from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import SEGMENT_EVENTS, SegmentLifecycle
+from worker.learning import Learnable
 from worker.metrics import Metrics
 from worker.model import Learned, SegmentModel
-from worker.sink import RedisStore
+from worker.sink import RedisStore, Shared
 
 log = logging.getLogger(__name__)
+SHARED_AT_ONCE = 2_000  # entries of the other workers the trainer reads per turn
 
 
 class ModelCoordinator:
@@ -38,6 +48,8 @@ class ModelCoordinator:
         self.model = SegmentModel(settings)
         self.trainer: SegmentModel | None = None
         self._unusable = -1  # revision of a publication that could not be read: say so once
+        self._shared_after = "0-0"  # the last entry of `seg:learning` learned from
+        self._forgotten: list[Shared] = []  # deletions to hand the trainer
         self._lifecycle: list[SegmentLifecycle] = []  # published with the model, not yet sent
         for event in SEGMENT_EVENTS:  # exported at 0 from the start, for dashboards
             metrics.lifecycle.labels(event)
@@ -46,11 +58,24 @@ class ModelCoordinator:
     def leading(self) -> bool:
         return self.trainer is not None
 
-    def learn(self, user_id: str, x: dict[str, float], event_ts: int) -> Learned:
-        """Train on a profile when leading (a follower learns nothing)."""
+    def learn(self, own: list[Learnable]) -> list[tuple[int, Learned]]:
+        """Train on this worker's profiles and those the others shared, when leading;
+        else share them (and the deletions since) with the worker that trains. What
+        learning each revealed, with its event time."""
         if self.trainer is None:
-            return Learned()
-        return self.trainer.learn_one(user_id, x, event_ts)
+            self._store.share_learning([*self._forgotten, *own])
+            self._forgotten = []
+            return []
+        self._shared_after, shared = self._store.read_shared(self._shared_after, SHARED_AT_ONCE)
+        # in event time, as one worker would learn them (the detectors are order-sensitive);
+        # then the deletions, those this worker saw while following too
+        learnable = sorted((e for e in [*own, *shared] if len(e) == 3), key=itemgetter(2))
+        forgotten = [e for e in shared if len(e) == 1] + self._forgotten
+        self._forgotten = []
+        learned = [(ts, self.trainer.learn_one(user, x, ts)) for user, x, ts in learnable]
+        for user_id, *_ in forgotten:
+            self.trainer.forget(user_id)
+        return learned
 
     def observe(self, event: ClickEvent | PurchaseEvent) -> str | None:
         """Watch an applied event when leading; what the `events` detector saw if it fired."""
@@ -59,8 +84,11 @@ class ModelCoordinator:
         return self.trainer.detectors.describe("events")
 
     def forget(self, user_id: str) -> None:
+        """A deleted user leaves the trainer's reservoir, whichever worker trains."""
         if self.trainer is not None:
             self.trainer.forget(user_id)
+        else:
+            self._forgotten.append((user_id,))
 
     def sync(self, publish: bool = True) -> bool:
         """Claim or renew the lease and publish when leading (with `publish`), and adopt

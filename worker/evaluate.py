@@ -102,6 +102,7 @@ class Evaluation:
     drifts: bool = True
     replay: bool = False  # the model and profile code alone, without Kafka and Redis
     cut: int | None = None  # a replay cut as fetched, by this seed (`Cut`)
+    workers: int = 1  # in the pipeline: a consumer group of this many, one model
 
     def run(self) -> dict[str, Any]:
         settings = self._own_topics()
@@ -124,6 +125,7 @@ class Evaluation:
                 "drifts": {name: at for name, at in shop.drifts.items()},
                 "applied": outcome.applied,
                 "through": self._through,
+                **({} if self.replay else {"workers": self.workers}),
             },
             "quality": quality(settings, shop.truth, outcome.end.segments, outcome.end.profiles),
             "stability": stability(
@@ -142,21 +144,26 @@ class Evaluation:
         return "replay" if self.cut is None else f"replay cut as fetched (seed {self.cut})"
 
     def _pipeline(self, settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
-        """Through the real pipeline: produced to the broker while an in-process worker
-        segments it into Redis; Redis read at the marks and at the end."""
+        """Through the real pipeline: produced to the broker while in-process workers (a
+        consumer group sharing one model, as deployed) segment it into Redis; Redis read
+        at the marks and at the end."""
         snapshots: list[Snapshot] = []
-        # As a live shop sends them: while the worker runs, at most LEAD events ahead of
-        # it, on one topic. (Pre-produced over two topics and several partitions, they
+        # As a live shop sends them: while the workers run, at most LEAD events ahead of
+        # them, on one topic. (Pre-produced over two topics and several partitions, they
         # are read at different paces in event time, which smears a drift's onset over
         # the skew.)
         ensure_topics(settings.kafka, PARTITIONS)
         stop = threading.Event()
-        worker = Worker(settings, Metrics(), stop)
-        running = threading.Thread(target=worker.run, daemon=True)
-        running.start()
+        workers = [Worker(settings, Metrics(), stop) for _ in range(self.workers)]
+        running = [threading.Thread(target=worker.run, daemon=True) for worker in workers]
+        for thread in running:
+            thread.start()
+
+        def applied() -> int:
+            return sum(worker.totals.applied for worker in workers)
 
         def behind(events: int) -> bool:
-            return worker.totals.applied < events and running.is_alive()
+            return applied() < events and all(thread.is_alive() for thread in running)
 
         def live() -> Iterator[dict[str, object]]:
             for sent, event in enumerate(shop.events):
@@ -172,24 +179,26 @@ class Evaluation:
         while behind(len(shop.events)):
             stop.wait(0.5)  # every event applied: stop, as SIGTERM would (drain, publish)
         stop.set()
-        running.join()
-        if worker.totals.applied != len(shop.events):
+        for thread in running:
+            thread.join()
+        if applied() != len(shop.events):
             raise RuntimeError(
-                f"the worker stopped after {worker.totals.applied:,} of "
-                f"{len(shop.events):,} events; see its log"
+                f"the workers stopped after {applied():,} of {len(shop.events):,} events; "
+                "see their log"
             )
+        settled = (
+            worker.metrics.registry.get_sample_value(
+                "segmentation_segment_changes_total", {"cause": "settled"}
+            )
+            for worker in workers
+        )
         return Outcome(
             snapshots,
             self._snapshot(settings),
             read_all(settings, settings.kafka.lifecycle_topic),
             read_all(settings, settings.kafka.changes_topic),
-            worker.totals.applied,
-            int(
-                worker.metrics.registry.get_sample_value(
-                    "segmentation_segment_changes_total", {"cause": "settled"}
-                )
-                or 0
-            ),
+            applied(),
+            int(sum(moves or 0 for moves in settled)),
         )
 
     def _own_topics(self) -> Settings:
@@ -669,7 +678,9 @@ def composition(truth: dict[str, str], segments: dict[str, str]) -> dict[str, di
 def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(figure, value, target) rows for the summary table."""
     q, s, d = figures["quality"], figures["stability"], figures["drift"]
+    through, workers = figures["scenario"]["through"], figures["scenario"].get("workers")
     table = [
+        ("through", through + (f", {workers} worker(s)" if workers else ""), ""),
         ("ARI streaming vs personas", f"{q['ari_streaming']}", "≥ 0.85"),
         ("ARI batch k-means vs personas", f"{q['ari_batch']}", ""),
         ("ARI streaming / batch", f"{q['ari_ratio']}", "≥ 0.95"),

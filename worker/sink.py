@@ -108,6 +108,16 @@ def stored_profiles(client: redis.Redis, keys: RedisKeys, chunk: int = 5000) -> 
     return profiles
 
 
+# A profile another worker would have learned from (user id, features, event time), or
+# a user to forget (user id alone): what followers hand the worker that trains.
+Shared = tuple[str, dict[str, float], int] | tuple[str]
+SHARED_CAP = 100_000  # entries the stream keeps when no worker trains
+
+
+def _shared(entry: list[Any]) -> Shared:
+    return (entry[0], entry[1], entry[2]) if len(entry) == 3 else (entry[0],)
+
+
 class RedisRejected(Permanent):
     """Redis refused the credentials of `redis.url`."""
 
@@ -190,6 +200,7 @@ class RedisStore:
         "model_lease",
         "load_pending",
         "swept",
+        "learning",
     )
 
     def __init__(
@@ -421,6 +432,41 @@ class RedisStore:
             "load_pending", lambda: self._redis.sscan(self._keys.pending, cursor, count=count)
         )
         return int(cursor), [text(member) for member in members]
+
+    def share_learning(self, shared: list[Shared]) -> None:
+        """Append what this worker would have learned from (or forgets: a deleted user)
+        to the stream the training worker reads (`read_shared`). At most `SHARED_CAP`
+        entries wait: a sample more or less is nothing to wait for."""
+        if not shared:
+            return
+
+        def append() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            for entry in shared:
+                pipe.xadd(
+                    self._keys.learning,
+                    {"e": orjson.dumps(entry)},
+                    maxlen=SHARED_CAP,
+                    approximate=True,
+                )
+            pipe.execute()
+
+        self._call("learning", append)
+
+    def read_shared(self, after: str, count: int) -> tuple[str, list[Shared]]:
+        """Up to `count` entries shared after stream id `after`, and the id of the last;
+        what was read is trimmed, so a shared profile lives only until it is learned."""
+
+        def read() -> tuple[str, list[Shared]]:
+            found: Any = self._redis.xread({self._keys.learning: after}, count=count)
+            if not found:
+                return after, []
+            entries = found[0][1]  # [(id, fields)] of the one stream read
+            last = text(entries[-1][0])
+            self._redis.xtrim(self._keys.learning, minid=last, approximate=False)
+            return last, [_shared(orjson.loads(fields[b"e"])) for _, fields in entries]
+
+        return self._call("learning", read)
 
     def claim_model_lease(self, worker_id: str, ttl_ms: int) -> bool:
         """Become (or stay) the one worker that trains and publishes the model."""
