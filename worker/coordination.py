@@ -18,6 +18,7 @@ still watches the events of the leader's partitions only.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from operator import itemgetter
 from typing import Any
@@ -67,9 +68,11 @@ class ModelCoordinator:
             self._forgotten = []
             return []
         self._shared_after, shared = self._store.read_shared(self._shared_after, SHARED_AT_ONCE)
-        # in event time, as one worker would learn them (the detectors are order-sensitive);
-        # then the deletions, those this worker saw while following too
-        learnable = sorted((e for e in [*own, *shared] if len(e) == 3), key=itemgetter(2))
+        # Each worker's profiles in the order it took them, the two interleaved by event
+        # time as one worker's would be (the detectors are order-sensitive); then the
+        # deletions, those this worker saw while following too.
+        theirs = [e for e in shared if len(e) == 3]
+        learnable = heapq.merge(own, theirs, key=itemgetter(2))
         forgotten = [e for e in shared if len(e) == 1] + self._forgotten
         self._forgotten = []
         learned = [(ts, self.trainer.learn_one(user, x, ts)) for user, x, ts in learnable]
