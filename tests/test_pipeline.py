@@ -547,6 +547,22 @@ def test_an_unreadable_published_model_is_replaced_not_a_crash(
     assert 1 <= len(complaints) <= 2  # reported, not repeated every second
 
 
+def count_scans(monkeypatch: pytest.MonkeyPatch, of: str | None = None) -> list[int]:
+    """How many users each `RedisStore.scan_members` call returns from now on (of the
+    segment `of` only, when given), in order."""
+    counts: list[int] = []
+    scan = RedisStore.scan_members
+
+    def counted(store: RedisStore, segment: str, cursor: int, count: int) -> tuple[int, list[str]]:
+        cursor, users = scan(store, segment, cursor, count)
+        if of is None or segment == of:
+            counts.append(len(users))
+        return cursor, users
+
+    monkeypatch.setattr(RedisStore, "scan_members", counted)
+    return counts
+
+
 def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
     settings: Settings, redis_client: redis.Redis, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -584,19 +600,8 @@ def test_a_merged_segments_users_follow_it_and_lifecycle_is_published(
         placed.append(len(batch.segments))
         return write(store, batch, *args)
 
-    read: list[int] = []
-    scan = RedisStore.scan_members
-
-    def scan_counted(
-        store: RedisStore, segment: str, cursor: int, count: int
-    ) -> tuple[int, list[str]]:
-        cursor, users = scan(store, segment, cursor, count)
-        if segment == gone:
-            read.append(len(users))
-        return cursor, users
-
     monkeypatch.setattr(RedisStore, "write", write_counted)
-    monkeypatch.setattr(RedisStore, "scan_members", scan_counted)
+    read = count_scans(monkeypatch, of=gone)
     again = start_worker(settings)  # nothing new to consume: it only adopts the revision
     again.join()
     assert len(read) > 1 and max(read) < 2 * 10 and sum(read) >= len(members)
@@ -693,17 +698,7 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
 
     swap_and_publish()
     monkeypatch.setattr("worker.app.PLACE_CHUNK", 40)  # several chunks for 300 users
-    scans: list[int] = []
-    scan = RedisStore.scan_members
-
-    def scan_counted(
-        store: RedisStore, segment: str, cursor: int, count: int
-    ) -> tuple[int, list[str]]:
-        cursor, users = scan(store, segment, cursor, count)
-        scans.append(len(users))
-        return cursor, users
-
-    monkeypatch.setattr(RedisStore, "scan_members", scan_counted)
+    scans = count_scans(monkeypatch)
     settled_moves = run_past_settling(1)
     assert len(scans) > len(before) and max(scans) < 100  # in chunks, not segment by segment
     settling = settings.model
