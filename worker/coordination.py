@@ -11,9 +11,9 @@ The trainer learns from every worker's shoppers: the others hand it the profiles
 would have learned from through a Redis stream (`seg:learning`), with the users deleted
 meanwhile. Learning only from its own partitions, the model of two workers saw half the
 shop, and its adaptation and drift detectors, which count learned profiles, ran at half
-the pace of the events (one evaluation: ARI 0.807 against 0.849-0.855 for one worker,
-the sale's segment after 29,830 events against about 10,000). The `events` detector
-still watches the events of the leader's partitions only.
+the pace of the events (two evaluations: ARI 0.807 and 0.772 against 0.849-0.855 for one
+worker, the sale's segment after about 29,000 events against about 10,000). The
+`events` detector still watches the events of the leader's partitions only.
 """
 
 from __future__ import annotations
