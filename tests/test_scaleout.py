@@ -158,3 +158,39 @@ def test_a_user_deleted_on_another_worker_leaves_the_trainers_reservoir(
     trainer.learn([])
     assert trainer.trainer is not None
     assert set(trainer.trainer.reservoir) == {"kept"}
+
+
+def test_a_follower_adopts_a_new_publication_with_its_next_write(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    """A worker that does not train adopts each model the trainer publishes with its next
+    write, not at its own sync a checkpoint interval later: the trainer publishes a new
+    segment at once, and with a 30 s interval a follower went on placing its half of the
+    shop without it (README, Evaluation, `--workers N`)."""
+    slow = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"checkpoint_interval_s": 600.0})}
+    )
+    store = RedisStore(redis_client, slow.redis, Metrics(), Backoff(0.1, 1, Event()))
+    trainer = ModelCoordinator(slow.model, store, Metrics(), "trainer")
+    trainer.sync()  # takes the lease for half an hour: the worker follows
+    rng = random.Random(3)
+    trainer.learn(
+        [
+            (f"warm-{i}", {name: rng.random() for name in FEATURES}, i)
+            for i in range(slow.model.warmup_users)
+        ]
+    )
+    trainer.sync()  # publishes revision 1
+    ensure_topics(slow.kafka, partitions=2)
+    shop = generate(users=200, events=2000, seed=73)
+    follower = start_worker(slow, idle=None)
+    produce(shop.events[:1000], slow)
+    wait_for(lambda: applied(redis_client, "seg") == 1000, timeout=120, what="the first half")
+    assert not follower.worker.coordinator.leading
+    assert follower.worker.model.revision == 1
+
+    trainer.sync()  # revision 2, as when the trainer adds a segment
+    produce(shop.events[1000:], slow)
+    wait_for(lambda: applied(redis_client, "seg") == 2000, timeout=120, what="the second half")
+    # adopted after the write that found it (600 s before the worker's own sync)
+    wait_for(lambda: follower.worker.model.revision == 2, timeout=20, what="revision 2 adopted")

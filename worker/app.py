@@ -167,7 +167,8 @@ class Worker:
             metrics, self.why_not_ready, settings.metrics.host, settings.metrics.port
         )
         self._last_sync = time.monotonic()
-        self._sync_now = False
+        self._sync_now = False  # the trainer's model changed: publish it now
+        self._adopt_now = False  # a write found a newer publication: adopt it now
         self._described = (0, 0)  # the model (version, revision) whose segments Redis describes
         self.totals = BatchStats()
 
@@ -243,7 +244,7 @@ class Worker:
         self.metrics.profiles_active.set(len(self.cache))
         if self._sync_due():
             self.sync()
-        elif self._pending_check and self.model.ready:
+        elif self._adopt_now or (self._pending_check and self.model.ready):
             self.sync(publish=False)
         elif self._sweep is not None:
             self._sweep_chunk(self._sweep)
@@ -270,6 +271,7 @@ class Worker:
     def _sync(self, batch: BatchWrite, publish: bool = True) -> None:
         if publish:
             self._last_sync, self._sync_now = time.monotonic(), False
+        self._adopt_now = False
         before = {seg.id for seg in self.model.segments.values()}
         if self.coordinator.sync(publish):
             self._pending_check = True
@@ -451,20 +453,26 @@ class Worker:
             counters[kind].labels(*labels).inc(n)
 
     def _write(self, batch: BatchWrite) -> dict[str, int] | None:
-        """Write a batch fenced by the offsets this worker expects; None if refused."""
+        """Write a batch fenced by the offsets this worker expects; the size of every live
+        segment, or None if refused. A newer model published meanwhile is adopted after
+        the batch: the trainer publishes each new segment at once, and a worker that
+        waited for its own sync interval (30 s) would go on placing users without it."""
         batch.expected = dict(self._expected)
         model = self.model
         live = [seg.id for seg in model.segments.values()] if model.ready else []
         fresh = model.ready and self._described != (model.version, model.revision)
         try:
-            sizes = self.store.write(batch, live, self._snapshots() if fresh else [], model.version)
+            written = self.store.write(
+                batch, live, self._snapshots() if fresh else [], model.version
+            )
         except StaleBatch as stale:
             self._discard(batch, stale)
             return None
         self._expected.update(batch.offsets)
         if fresh:
             self._described = (model.version, model.revision)
-        return sizes
+        self._adopt_now = self.coordinator.behind(written.model_revision)
+        return written.sizes
 
     def _discard(self, batch: BatchWrite, stale: StaleBatch) -> None:
         """Another worker has written partitions this one thought it owned: write nothing,

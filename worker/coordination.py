@@ -93,6 +93,11 @@ class ModelCoordinator:
         else:
             self._forgotten.append((user_id,))
 
+    def behind(self, published_revision: int) -> bool:
+        """Whether a publication of this revision is one to adopt (newer, and not one
+        found unusable)."""
+        return published_revision > self.model.revision and published_revision != self._unusable
+
     def sync(self, publish: bool = True) -> bool:
         """Claim or renew the lease and publish when leading (with `publish`), and adopt
         any newer publication. Returns True when the model used for assignment changed.

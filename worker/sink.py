@@ -153,6 +153,16 @@ class SegmentSnapshot:
     created_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a batch's transaction found in Redis: the size of every live segment, and
+    the revision of the published model (so a worker that does not train learns of a
+    new one with its next write, not at its next sync)."""
+
+    sizes: dict[str, int]
+    model_revision: int
+
+
 @dataclass(slots=True)
 class BatchWrite:
     """Everything one poll batch changes in Redis."""
@@ -303,19 +313,19 @@ class RedisStore:
         live: list[str],
         described: list[SegmentSnapshot],
         model_version: int,
-    ) -> dict[str, int]:
+    ) -> Written:
         """Apply one batch atomically, with the descriptions of segments that changed
-        since the last write; return the size of every live segment."""
+        since the last write."""
         keys, ttl = self._keys, self._ttl_s
 
-        def transaction() -> dict[str, int]:
+        def transaction() -> Written:
             while True:
                 try:
                     return fenced_transaction()
                 except WatchError:
                     continue  # another worker wrote offsets meanwhile: check again
 
-        def fenced_transaction() -> dict[str, int]:
+        def fenced_transaction() -> Written:
             now_ms = int(time.time() * 1000)
             pipe = self._redis.pipeline(transaction=True)
             pipe.watch(keys.offsets)  # type: ignore[no-untyped-call]
@@ -363,14 +373,15 @@ class RedisStore:
                 )
             for segment_id in live:
                 pipe.zcard(keys.members(segment_id))
-            results = pipe.execute()
+            pipe.hget(keys.model, "revision")
+            *results, revision = pipe.execute()
             sizes = dict(zip(live, results[len(results) - len(live) :], strict=True))
             if sizes:
                 size_pipe = self._redis.pipeline(transaction=False)
                 for segment_id, size in sizes.items():
                     size_pipe.hset(keys.segment(segment_id), "size", size)
                 size_pipe.execute()
-            return sizes
+            return Written(sizes, int(revision or 0))
 
         return self._call("write", transaction)
 
