@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 import re
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 import redis
 
 from config.settings import Settings, load_settings
+from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import RedisKeys
 from worker.app import Worker
 from worker.embedded import EmbeddedBroker, EmbeddedRedis
@@ -194,3 +196,21 @@ def wait_for(condition: Callable[[], object], timeout: float = 30, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def event_mix(
+    rng: random.Random, purchase_share: float, n: int, start_ts: int = 0
+) -> list[ClickEvent | PurchaseEvent]:
+    """`n` events a second apart, of a shop whose purchases are this share of its events
+    (what the `events` detector watches; the rest as in a steady shop)."""
+    kinds = ["page_view", "product_view", "search", "add_to_cart", "purchase"]
+    weights = [0.4, 0.35, 0.1, 0.15 - purchase_share, purchase_share]
+    events: list[ClickEvent | PurchaseEvent] = []
+    for i in range(n):
+        kind, ts = rng.choices(kinds, weights)[0], start_ts + i * 1000
+        if kind == "purchase":
+            events.append(PurchaseEvent.model_construct(event_type=kind, timestamp=ts))
+        else:
+            price = rng.lognormvariate(4, 0.5)
+            events.append(ClickEvent.model_construct(event_type=kind, price=price, timestamp=ts))
+    return events

@@ -11,10 +11,11 @@ from collections.abc import Iterable
 import numpy as np
 import orjson
 import pytest
+from conftest import event_mix
 
 from config.settings import ModelSettings, ProfileSettings
 from schemas import EVENT_ADAPTER
-from worker.drift import Detectors, ShareShift, psi
+from worker.drift import Detectors, EventMix, ShareShift, psi
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
 from worker.model import SegmentModel, describe, keeps_meaning, match
@@ -123,19 +124,14 @@ def test_feature_detector_names_the_feature_that_moved() -> None:
 
 def test_events_detector_sees_a_sale_in_the_event_mix_within_2000_events() -> None:
     rng = random.Random(5)
-    detectors = Detectors(SETTINGS)
-    kinds = ["page_view", "product_view", "search", "add_to_cart", "purchase"]
+    detectors, mix = Detectors(SETTINGS), EventMix()
 
-    def events(purchase_share: float, n: int) -> list[bool]:
-        weights = [0.4, 0.35, 0.1, 0.15 - purchase_share, purchase_share]
-        return [
-            detectors.observe(rng.choices(kinds, weights)[0], rng.lognormvariate(4, 0.5))
-            for _ in range(n)
-        ]
+    def fired(purchase_share: float, n: int) -> bool:
+        samples = (mix.add(event) for event in event_mix(rng, purchase_share, n))
+        return any([detectors.observe(sample) for sample in samples if sample is not None])
 
-    assert not any(events(0.025, 200_000)), "a false alarm on a steady event mix"
-    fired = events(0.06, 2000)
-    assert any(fired), "purchases more than doubled and 2,000 events went by unnoticed"
+    assert not fired(0.025, 200_000), "a false alarm on a steady event mix"
+    assert fired(0.06, 2000), "purchases more than doubled and 2,000 events went by unnoticed"
     assert detectors.moved == ["purchase share of events"]
 
 

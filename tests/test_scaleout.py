@@ -12,10 +12,11 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from conftest import applied, differing, profiles, wait_for
+from conftest import applied, differing, event_mix, profiles, wait_for
 from test_chaos import chaos_env
 
 from config.settings import ModelSettings, ProfileSettings, Settings
+from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import RedisKeys
 from worker.coordination import ModelCoordinator
 from worker.features import FEATURES, FeatureExtractor
@@ -35,6 +36,19 @@ COMMAND = [sys.executable, "-m", "worker", "run", "--stop-after-idle", "15"]
 def published(client: redis.Redis, prefix: str) -> dict[str, Any] | None:
     state = client.hget(RedisKeys(prefix).model, "state")
     return orjson.loads(state) if state else None
+
+
+def seeded_trainer(settings: Settings, client: redis.Redis) -> ModelCoordinator:
+    """A coordinator holding the model lease, its model seeded and published (revision 1)
+    from random profiles."""
+    store = RedisStore(client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
+    trainer = ModelCoordinator(settings.model, store, Metrics(), "trainer")
+    trainer.sync()
+    rng = random.Random(3)
+    warm = [{name: rng.random() for name in FEATURES} for _ in range(settings.model.warmup_users)]
+    trainer.learn([(f"warm-{i}", x, i) for i, x in enumerate(warm)])
+    trainer.sync()
+    return trainer
 
 
 def test_three_workers_one_killed_share_one_model_and_lose_nothing(
@@ -170,17 +184,8 @@ def test_a_follower_adopts_a_new_publication_with_its_next_write(
     slow = settings.model_copy(
         update={"model": settings.model.model_copy(update={"checkpoint_interval_s": 600.0})}
     )
-    store = RedisStore(redis_client, slow.redis, Metrics(), Backoff(0.1, 1, Event()))
-    trainer = ModelCoordinator(slow.model, store, Metrics(), "trainer")
-    trainer.sync()  # takes the lease for half an hour: the worker follows
-    rng = random.Random(3)
-    trainer.learn(
-        [
-            (f"warm-{i}", {name: rng.random() for name in FEATURES}, i)
-            for i in range(slow.model.warmup_users)
-        ]
-    )
-    trainer.sync()  # publishes revision 1
+    trainer = seeded_trainer(slow, redis_client)  # the lease for half an hour: the worker follows
+    assert trainer.model.revision == 1
     ensure_topics(slow.kafka, partitions=2)
     shop = generate(users=200, events=2000, seed=73)
     follower = start_worker(slow, idle=None)
@@ -194,3 +199,32 @@ def test_a_follower_adopts_a_new_publication_with_its_next_write(
     wait_for(lambda: applied(redis_client, "seg") == 2000, timeout=120, what="the second half")
     # adopted after the write that found it (600 s before the worker's own sync)
     wait_for(lambda: follower.worker.model.revision == 2, timeout=20, what="revision 2 adopted")
+
+
+def test_a_sale_in_another_workers_events_is_detected_by_the_trainer(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The `events` detector of the trainer watches every worker's events: the others hand
+    it samples of their event mix. Watching its own partitions only, it saw 1/N of the
+    events and caught a sale N times later."""
+    trainer = seeded_trainer(settings, redis_client)
+    store = RedisStore(redis_client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
+    follower = ModelCoordinator(settings.model, store, Metrics(), "follower")
+    follower.sync()
+    assert not follower.leading
+    rng = random.Random(5)
+
+    def turns(events: list[ClickEvent | PurchaseEvent]) -> set[str]:
+        """The follower applies the events a batch at a time; what the trainer detected."""
+        detected = set()
+        for start in range(0, len(events), 500):
+            assert all(follower.observe(event) is None for event in events[start : start + 500])
+            follower.learn([])
+            for _, learned in trainer.learn([]):
+                detected.update(learned.drifts)
+        return detected
+
+    assert not turns(event_mix(rng, 0.025, 40_000)), "a false alarm on a steady event mix"
+    assert turns(event_mix(rng, 0.06, 2000, start_ts=40_000_000)) == {"events"}
+    assert trainer.trainer is not None
+    assert trainer.trainer.detectors.moved == ["purchase share of events"]

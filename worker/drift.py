@@ -14,7 +14,8 @@ per worker:
   a cold start they would report the population ageing, not a change in behaviour.
 * `events` — Page-Hinkley on each share of the event mix (purchases, add-to-carts,
   searches) and on the mean log price of the items viewed, over consecutive samples of
-  `EVENTS_PER_SAMPLE` applied events, standardized: a profile is learned once per user
+  `EVENTS_PER_SAMPLE` applied events of one worker (`EventMix`; the others hand theirs to
+  the leader), standardized: a profile is learned once per user
   per batch, about one per ten events, and moves only as far as one event moves it, so
   a sale shows in the events long before it shows in the profiles. Events are averaged
   first because consecutive events are not independent (a session's events share its
@@ -44,6 +45,7 @@ from collections import Counter
 from river import drift, stats
 
 from config.settings import ModelSettings
+from schemas.events import ClickEvent, PurchaseEvent
 from worker.features import RATES
 from worker.metrics import Metrics
 
@@ -58,6 +60,7 @@ EVENT_SIGNALS = {  # what the `events` detector watches, by name in the log
     "price": "price of items viewed",
 }
 EVENTS_PER_SAMPLE = 200  # events averaged into one sample of the `events` detector
+EventSample = dict[str, float]  # by name in EVENT_SIGNALS (price only when items were viewed)
 # Half the smallest shift worth catching, in standard deviations of a sample (a sale moves
 # the purchase share by about three): the usual CUSUM choice, quickest for that shift.
 EVENT_SLACK = 1.5
@@ -100,8 +103,36 @@ class ShareShift:
         self._reference, self._current, self.psi = None, Counter(), 0.0
 
 
+class EventMix:
+    """Consecutive applied events, counted into samples of the `events` detector. Every
+    worker counts its own events; the trainer's detector takes each worker's samples
+    (`coordination.py`), so it watches every event of the group, however many workers
+    share them."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._log_prices = 0.0
+
+    def add(self, event: ClickEvent | PurchaseEvent) -> EventSample | None:
+        """Count one event; every `EVENTS_PER_SAMPLE`, the sample they make: the share of
+        each of `SHARES_OF_EVENTS`, and the mean log price of the items viewed."""
+        counts = self._counts
+        counts[event.event_type] += 1
+        if isinstance(event, ClickEvent) and event.price:
+            counts["priced"] += 1
+            self._log_prices += math.log1p(event.price)
+        counts["events"] += 1
+        if counts["events"] < EVENTS_PER_SAMPLE:
+            return None
+        sample = {name: counts[name] / counts["events"] for name in SHARES_OF_EVENTS}
+        if counts["priced"]:
+            sample["price"] = self._log_prices / counts["priced"]
+        self._counts, self._log_prices = Counter(), 0.0
+        return sample
+
+
 class Detectors:
-    """The detectors over the stream of learned profiles, and over the events."""
+    """The detectors over the stream of learned profiles, and over the event mix."""
 
     def __init__(self, settings: ModelSettings) -> None:
         self._fit = drift.ADWIN(delta=settings.fit_drift_delta)
@@ -117,25 +148,11 @@ class Detectors:
             for name in EVENT_SIGNALS
         }
         self._event_stats = {name: stats.Var() for name in EVENT_SIGNALS}
-        self._window: Counter[str] = Counter()
-        self._log_prices = 0.0
         self.moved: list[str] = []  # the features whose detector fired last
 
-    def observe(self, event_type: str, price: float | None) -> bool:
-        """Count one applied event; every `EVENTS_PER_SAMPLE` events, feed the event-mix
-        shares and mean log price to their detectors. True when one of them fired."""
-        window = self._window
-        window[event_type] += 1
-        if price:
-            window["priced"] += 1
-            self._log_prices += math.log1p(price)
-        window["events"] += 1
-        if window["events"] < EVENTS_PER_SAMPLE:
-            return False
-        sample = {name: window[name] / window["events"] for name in SHARES_OF_EVENTS}
-        if window["priced"]:
-            sample["price"] = self._log_prices / window["priced"]
-        self._window, self._log_prices = Counter(), 0.0
+    def observe(self, sample: EventSample) -> bool:
+        """Feed one sample of the event mix (`EventMix`) to its detectors; True when one
+        of them fired."""
         moved = []
         for name, value in sample.items():
             seen = self._event_stats[name]  # standardized against all samples so far

@@ -50,6 +50,7 @@ from schemas.events import UserDeleted
 from schemas.reader import SegmentReader, text
 from schemas.records import RedisKeys
 from worker.app import Worker, settled_gc
+from worker.drift import EventMix
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import Shop, event_ms, generate
 from worker.learning import LearningWindows
@@ -321,7 +322,7 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
     or retired a segment, that segment's users move to the nearest live one, and once
     the model has settled every user is placed afresh, as workers do."""
     updater, extract = ProfileUpdater(settings.profile), FeatureExtractor(settings.profile)
-    model = SegmentModel(settings.model)
+    model, mix = SegmentModel(settings.model), EventMix()
     polls = 0  # the learning windows' clock: a poll every POLL_S
     learning = LearningWindows(
         settings.model.learn_window_minutes,
@@ -382,7 +383,8 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
             folded.append(event)
         read += len(batch)
         for event in sorted(folded, key=attrgetter("timestamp")):  # as the worker shows them
-            model.observe(event)
+            if (sample := mix.add(event)) is not None:
+                model.observe(sample, event.timestamp)
         live = {seg.id for seg in model.segments.values()}
         for user, x, event_ts in learning.take(len(batch)):
             model.learn_one(user, x, event_ts)

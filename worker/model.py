@@ -79,9 +79,8 @@ from sklearn.cluster import KMeans as BatchKMeans
 from sklearn.neighbors import NearestNeighbors
 
 from config.settings import ModelSettings
-from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import SegmentLifecycle
-from worker.drift import Detectors
+from worker.drift import Detectors, EventSample
 from worker.features import FEATURES
 from worker.profiles import DAY_MS
 
@@ -190,13 +189,12 @@ class SegmentModel:
         adapted = (drifted or due) and self.adapt(event_ts, grow=drifted)
         return Learned(drifts=drifts, detail=detail, adapted=adapted)
 
-    def observe(self, event: ClickEvent | PurchaseEvent) -> bool:
-        """Watch one applied event's type and the price of what it viewed (the `events`
-        detector); True when it revealed drift."""
-        price = event.price if isinstance(event, ClickEvent) else None
-        if not self.ready or not self.detectors.observe(event.event_type, price):
+    def observe(self, sample: EventSample, event_ts: int) -> bool:
+        """Watch one sample of the event mix, whose last event is at `event_ts` (the
+        `events` detector); True when it revealed drift."""
+        if not self.ready or not self.detectors.observe(sample):
             return False
-        self._drifted(("events",), event.timestamp)
+        self._drifted(("events",), event_ts)
         return True
 
     def _drifted(self, detectors: tuple[str, ...], event_ts: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -42,6 +42,8 @@ from config.settings import KafkaSettings, RedisSettings
 from schemas.reader import text
 from schemas.records import KEY_FORMAT, RedisKeys, SegmentChange, SegmentLifecycle, UserSegment
 from worker.decode import DeadLetter
+from worker.drift import EventSample
+from worker.learning import Learnable
 from worker.metrics import Metrics
 from worker.profiles import DAY_MS, Profile
 from worker.retry import Backoff, Permanent
@@ -108,14 +110,43 @@ def stored_profiles(client: redis.Redis, keys: RedisKeys, chunk: int = 5000) -> 
     return profiles
 
 
-# A profile another worker would have learned from (user id, features, event time), or
-# a user to forget (user id alone): what followers hand the worker that trains.
-Shared = tuple[str, dict[str, float], int] | tuple[str]
 SHARED_CAP = 100_000  # entries the stream keeps when no worker trains
 
 
-def _shared(entry: list[Any]) -> Shared:
-    return (entry[0], entry[1], entry[2]) if len(entry) == 3 else (entry[0],)
+@dataclass(slots=True)
+class Handed:
+    """What the workers that do not train hand the one that does (`seg:learning`): the
+    profiles they would have learned from, the users deleted since, and the samples of
+    their event mix for the `events` detector, each with its event time."""
+
+    learnable: list[Learnable] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+    samples: list[tuple[int, EventSample]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.learnable or self.forgotten or self.samples)
+
+    def entries(self) -> Iterator[dict[str, bytes]]:
+        """As stream entries: `e` a profile (user, features, time) or a deletion (user),
+        `m` a sample (time, sample)."""
+        for user_id in self.forgotten:
+            yield {"e": orjson.dumps([user_id])}
+        for learnable in self.learnable:
+            yield {"e": orjson.dumps(learnable)}
+        for sample in self.samples:
+            yield {"m": orjson.dumps(sample)}
+
+    def add(self, entry: dict[bytes, bytes]) -> None:
+        """Take one stream entry back (`entries`)."""
+        if b"m" in entry:
+            event_ts, sample = orjson.loads(entry[b"m"])
+            self.samples.append((event_ts, sample))
+            return
+        user_id, *learned = orjson.loads(entry[b"e"])
+        if learned:
+            self.learnable.append((user_id, learned[0], learned[1]))
+        else:
+            self.forgotten.append(user_id)
 
 
 class RedisRejected(Permanent):
@@ -444,38 +475,36 @@ class RedisStore:
         )
         return int(cursor), [text(member) for member in members]
 
-    def share_learning(self, shared: list[Shared]) -> None:
-        """Append what this worker would have learned from (or forgets: a deleted user)
-        to the stream the training worker reads (`read_shared`). At most `SHARED_CAP`
-        entries wait: a sample more or less is nothing to wait for."""
-        if not shared:
+    def share_learning(self, handed: Handed) -> None:
+        """Append what this worker hands the training worker to the stream it reads
+        (`read_shared`). At most `SHARED_CAP` entries wait: a sample more or less is
+        nothing to wait for."""
+        if not handed:
             return
 
         def append() -> None:
             pipe = self._redis.pipeline(transaction=False)
-            for entry in shared:
-                pipe.xadd(
-                    self._keys.learning,
-                    {"e": orjson.dumps(entry)},
-                    maxlen=SHARED_CAP,
-                    approximate=True,
-                )
+            for entry in handed.entries():
+                pipe.xadd(self._keys.learning, entry, maxlen=SHARED_CAP, approximate=True)  # type: ignore[arg-type]
             pipe.execute()
 
         self._call("learning", append)
 
-    def read_shared(self, after: str, count: int) -> tuple[str, list[Shared]]:
+    def read_shared(self, after: str, count: int) -> tuple[str, Handed]:
         """Up to `count` entries shared after stream id `after`, and the id of the last;
-        what was read is trimmed, so a shared profile lives only until it is learned."""
+        what was read is trimmed, so a shared entry lives only until the trainer has it."""
 
-        def read() -> tuple[str, list[Shared]]:
+        def read() -> tuple[str, Handed]:
+            handed = Handed()
             found: Any = self._redis.xread({self._keys.learning: after}, count=count)
             if not found:
-                return after, []
+                return after, handed
             entries = found[0][1]  # [(id, fields)] of the one stream read
             last = text(entries[-1][0])
             self._redis.xtrim(self._keys.learning, minid=last, approximate=False)
-            return last, [_shared(orjson.loads(fields[b"e"])) for _, fields in entries]
+            for _, fields in entries:
+                handed.add(fields)
+            return last, handed
 
         return self._call("learning", read)
 
