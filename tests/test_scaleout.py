@@ -201,6 +201,27 @@ def test_a_follower_adopts_a_new_publication_with_its_next_write(
     wait_for(lambda: follower.worker.model.revision == 2, timeout=20, what="revision 2 adopted")
 
 
+def test_the_trainer_merges_each_workers_profiles_by_event_time(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Two followers' profiles reach the trainer a batch of one after a batch of the
+    other; it learns them interleaved by event time, each worker's in its own order, as
+    one worker would have learned them (the detectors are order-sensitive)."""
+    store = RedisStore(redis_client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
+    trainer, *followers = (
+        ModelCoordinator(settings.model, store, Metrics(), name) for name in ("t", "a", "b")
+    )
+    for coordinator in (trainer, *followers):
+        coordinator.sync()
+    x = {name: 1.0 for name in FEATURES}
+    a, b = followers
+    a.learn([("a1", x, 1), ("a2", x, 3)])
+    b.learn([("b1", x, 2), ("b2", x, 4)])
+    trainer.learn([("own", x, 0)])
+    assert trainer.trainer is not None
+    assert list(trainer.trainer.reservoir) == ["own", "a1", "b1", "a2", "b2"]
+
+
 def test_a_sale_in_another_workers_events_is_detected_by_the_trainer(
     settings: Settings, redis_client: redis.Redis
 ) -> None:

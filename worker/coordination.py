@@ -57,7 +57,7 @@ class ModelCoordinator:
         self._unusable = -1  # revision of a publication that could not be read: say so once
         self._shared_after = "0-0"  # the last entry of `seg:learning` learned from
         self._mix = EventMix()  # this worker's events, a sample at a time
-        self._handing = Handed()  # for the trainer, when following
+        self._handing = Handed(worker_id)  # for the trainer, when following
         self._lifecycle: list[SegmentLifecycle] = []  # published with the model, not yet sent
         for event in SEGMENT_EVENTS:  # exported at 0 from the start, for dashboards
             metrics.lifecycle.labels(event)
@@ -73,22 +73,23 @@ class ModelCoordinator:
         if self.trainer is None:
             self._handing.learnable = own
             self._store.share_learning(self._handing)
-            self._handing = Handed()
+            self._handing = Handed(self._worker_id)
             return []
         self._shared_after, theirs = self._store.read_shared(self._shared_after, SHARED_AT_ONCE)
-        held, self._handing = self._handing, Handed()  # gathered while this worker followed
+        held, self._handing = self._handing, Handed(self._worker_id)  # from when following
         revealed = [
             (ts, Learned(drifts=("events",), detail=detail))
-            for ts, sample in [*held.samples, *theirs.samples]
+            for handed in [held, *theirs]
+            for ts, sample in handed.samples
             if (detail := self._detect(sample, ts)) is not None
         ]
-        # Each worker's profiles in the order it took them, the two interleaved by event
-        # time as one worker's would be (the detectors are order-sensitive); then the
-        # deletions, those this worker saw while following too.
-        learnable = heapq.merge(own, theirs.learnable, key=itemgetter(2))
+        # Each worker's profiles in the order it took them, interleaved by event time as
+        # one worker's would be (the detectors are order-sensitive); then the deletions.
+        learnable = heapq.merge(own, *(handed.learnable for handed in theirs), key=itemgetter(2))
         revealed += [(ts, self.trainer.learn_one(user, x, ts)) for user, x, ts in learnable]
-        for user_id in [*theirs.forgotten, *held.forgotten]:
-            self.trainer.forget(user_id)
+        for handed in [held, *theirs]:
+            for user_id in handed.forgotten:
+                self.trainer.forget(user_id)
         return revealed
 
     def observe(self, event: ClickEvent | PurchaseEvent) -> str | None:

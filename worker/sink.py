@@ -115,10 +115,11 @@ SHARED_CAP = 100_000  # entries the stream keeps when no worker trains
 
 @dataclass(slots=True)
 class Handed:
-    """What the workers that do not train hand the one that does (`seg:learning`): the
-    profiles they would have learned from, the users deleted since, and the samples of
-    their event mix for the `events` detector, each with its event time."""
+    """What a worker that does not train hands the one that does (`seg:learning`): the
+    profiles it would have learned from, in the order it took them, the users deleted
+    since, and the samples of its event mix for the `events` detector."""
 
+    worker: str = ""
     learnable: list[Learnable] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
     samples: list[tuple[int, EventSample]] = field(default_factory=list)
@@ -128,13 +129,14 @@ class Handed:
 
     def entries(self) -> Iterator[dict[str, bytes]]:
         """As stream entries: `e` a profile (user, features, time) or a deletion (user),
-        `m` a sample (time, sample)."""
+        `m` a sample (time, sample); `w` the worker's id."""
+        worker = self.worker.encode()
         for user_id in self.forgotten:
-            yield {"e": orjson.dumps([user_id])}
+            yield {"e": orjson.dumps([user_id]), "w": worker}
         for learnable in self.learnable:
-            yield {"e": orjson.dumps(learnable)}
+            yield {"e": orjson.dumps(learnable), "w": worker}
         for sample in self.samples:
-            yield {"m": orjson.dumps(sample)}
+            yield {"m": orjson.dumps(sample), "w": worker}
 
     def add(self, entry: dict[bytes, bytes]) -> None:
         """Take one stream entry back (`entries`)."""
@@ -490,21 +492,23 @@ class RedisStore:
 
         self._call("learning", append)
 
-    def read_shared(self, after: str, count: int) -> tuple[str, Handed]:
-        """Up to `count` entries shared after stream id `after`, and the id of the last;
-        what was read is trimmed, so a shared entry lives only until the trainer has it."""
+    def read_shared(self, after: str, count: int) -> tuple[str, list[Handed]]:
+        """Up to `count` entries shared after stream id `after`, by worker, and the id of
+        the last; what was read is trimmed, so an entry lives only until the trainer has
+        it."""
 
-        def read() -> tuple[str, Handed]:
-            handed = Handed()
+        def read() -> tuple[str, list[Handed]]:
             found: Any = self._redis.xread({self._keys.learning: after}, count=count)
             if not found:
-                return after, handed
+                return after, []
             entries = found[0][1]  # [(id, fields)] of the one stream read
             last = text(entries[-1][0])
             self._redis.xtrim(self._keys.learning, minid=last, approximate=False)
+            by_worker: dict[str, Handed] = {}
             for _, fields in entries:
-                handed.add(fields)
-            return last, handed
+                worker = text(fields.get(b"w", b""))
+                by_worker.setdefault(worker, Handed(worker)).add(fields)
+            return last, list(by_worker.values())
 
         return self._call("learning", read)
 
