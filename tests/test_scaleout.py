@@ -38,12 +38,19 @@ def published(client: redis.Redis, prefix: str) -> dict[str, Any] | None:
     return orjson.loads(state) if state else None
 
 
+def coordinator(settings: Settings, client: redis.Redis, worker_id: str) -> ModelCoordinator:
+    """A worker's model coordinator on this Redis, synced once: the first to sync holds
+    the lease and trains, the others follow it."""
+    store = RedisStore(client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
+    synced = ModelCoordinator(settings.model, store, Metrics(), worker_id)
+    synced.sync()
+    return synced
+
+
 def seeded_trainer(settings: Settings, client: redis.Redis) -> ModelCoordinator:
     """A coordinator holding the model lease, its model seeded and published (revision 1)
     from random profiles."""
-    store = RedisStore(client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
-    trainer = ModelCoordinator(settings.model, store, Metrics(), "trainer")
-    trainer.sync()
+    trainer = coordinator(settings, client, "trainer")
     rng = random.Random(3)
     warm = [{name: rng.random() for name in FEATURES} for _ in range(settings.model.warmup_users)]
     trainer.learn([(f"warm-{i}", x, i) for i, x in enumerate(warm)])
@@ -162,11 +169,8 @@ def test_the_trainer_of_two_workers_learns_from_both_workers_shoppers(
 def test_a_user_deleted_on_another_worker_leaves_the_trainers_reservoir(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    store = RedisStore(redis_client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
-    trainer = ModelCoordinator(settings.model, store, Metrics(), "trainer")
-    follower = ModelCoordinator(settings.model, store, Metrics(), "follower")
-    trainer.sync()
-    follower.sync()
+    trainer = coordinator(settings, redis_client, "trainer")
+    follower = coordinator(settings, redis_client, "follower")
     assert trainer.leading and not follower.leading
     x = {name: 1.0 for name in FEATURES}
     follower.learn([("kept", x, 1), ("deleted", x, 2)])
@@ -210,14 +214,8 @@ def test_the_trainer_merges_each_workers_profiles_by_event_time(
     """Two followers' profiles reach the trainer a batch of one after a batch of the
     other; it learns them interleaved by event time, each worker's in its own order, as
     one worker would have learned them (the detectors are order-sensitive)."""
-    store = RedisStore(redis_client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
-    trainer, *followers = (
-        ModelCoordinator(settings.model, store, Metrics(), name) for name in ("t", "a", "b")
-    )
-    for coordinator in (trainer, *followers):
-        coordinator.sync()
+    trainer, a, b = (coordinator(settings, redis_client, name) for name in ("t", "a", "b"))
     x = {name: 1.0 for name in FEATURES}
-    a, b = followers
     a.learn([("a1", x, 1), ("a2", x, 3)])
     b.learn([("b1", x, 2), ("b2", x, 4)])
     trainer.learn([("own", x, 0)])
@@ -232,9 +230,7 @@ def test_a_sale_in_another_workers_events_is_detected_by_the_trainer(
     it samples of their event mix. Watching its own partitions only, it saw 1/N of the
     events and caught a sale N times later."""
     trainer = seeded_trainer(settings, redis_client)
-    store = RedisStore(redis_client, settings.redis, Metrics(), Backoff(0.1, 1, Event()))
-    follower = ModelCoordinator(settings.model, store, Metrics(), "follower")
-    follower.sync()
+    follower = coordinator(settings, redis_client, "follower")
     assert not follower.leading
     rng = random.Random(5)
 
