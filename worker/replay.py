@@ -34,16 +34,25 @@ def produce(
     stop: threading.Event | None = None,
     on_sent: Callable[[int], None] = lambda _: None,
     linger_ms: int = 20,
+    burst: int = 100,
 ) -> int:
     """Send events keyed by user id and return how many were sent.
 
     To `topic`, else purchases to the purchases topic and the rest to the clickstream;
-    paced to `rate` events/s when given; `stop` ends it early. `linger_ms` trades
-    throughput for the delay a record waits in the producer.
+    paced to `rate` events/s when given, `burst` events at a time; `stop` ends it early.
+    `linger_ms` trades throughput for the delay a record waits in the producer. With
+    a longer linger, a burst goes out as one record batch per partition: a long paced
+    run of small bursts leaves many small batches, and the embedded broker's fetches
+    slow down with the number of batches a partition holds (see the README's soak row).
     """
     kafka = settings.kafka
     stop = stop or threading.Event()
-    producer = KafkaProducer(**kafka_client_config(kafka), linger_ms=linger_ms, acks="all")
+    producer = KafkaProducer(
+        **kafka_client_config(kafka),
+        linger_ms=linger_ms,
+        batch_size=16_384 * max(1, burst // 100),  # the default's room per event
+        acks="all",
+    )
     started = time.monotonic()
     sent = 0
     try:
@@ -57,7 +66,7 @@ def produce(
                 value=orjson.dumps(event),
             )
             sent += 1
-            if sent % 100 == 0:
+            if sent % burst == 0:
                 on_sent(sent)
                 ahead = sent / rate - (time.monotonic() - started) if rate else 0.0
                 if ahead > 0 and stop.wait(ahead):
