@@ -242,6 +242,29 @@ def test_replay_validates_rows_reports_line_numbers_and_sends_the_rest(
     assert all(m.key == orjson.loads(m.value)["user_id"].encode() for m in received)
 
 
+def test_a_paced_producer_keeps_to_its_rate_a_burst_at_a_time(settings: Settings) -> None:
+    """`produce` with a rate sends `burst` events, then waits until they are due: never
+    ahead of the rate (the soak's bursts of a second's events keep the embedded broker's
+    partitions to a batch a second)."""
+    from worker.replay import produce
+
+    ensure_topics(settings.kafka, partitions=2)
+    started = time.monotonic()
+    calls: list[tuple[int, float]] = []
+    sent = produce(
+        generate_events(2000),
+        settings,
+        rate=4000,
+        burst=500,
+        linger_ms=50,
+        on_sent=lambda n: calls.append((n, time.monotonic() - started)),
+    )
+    assert sent == 2000
+    assert [n for n, _ in calls] == [500, 1000, 1500, 2000, 2000]
+    for n, at in calls[1:4]:  # each burst goes once the one before it is due
+        assert at >= (n - 500) / 4000
+
+
 def generate_events(n: int) -> list[dict[str, object]]:
     from worker.generator import generate
 
