@@ -95,7 +95,14 @@ def run_demo(
             threading.Thread(
                 target=produce,
                 args=(shop.events, settings),
-                kwargs={"rate": rate, "stop": stop},
+                # a quarter second's events a batch: the embedded broker's fetches slow
+                # down with the number of batches a partition holds (README, CLI)
+                kwargs={
+                    "rate": rate,
+                    "stop": stop,
+                    "burst": max(100, int(rate / 4)),
+                    "linger_ms": 250,
+                },
                 daemon=True,
             ),
             threading.Thread(target=worker.run, daemon=True),
