@@ -43,7 +43,7 @@ def produce(
     `linger_ms` trades throughput for the delay a record waits in the producer. With
     a longer linger, a burst goes out as one record batch per partition: a long paced
     run of small bursts leaves many small batches, and the embedded broker's fetches
-    slow down with the number of batches a partition holds (see the README's soak row).
+    slow down with the number of batches a partition holds (README, CLI).
     """
     kafka = settings.kafka
     stop = stop or threading.Event()
