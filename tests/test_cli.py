@@ -244,8 +244,8 @@ def test_replay_validates_rows_reports_line_numbers_and_sends_the_rest(
 
 def test_a_paced_producer_keeps_to_its_rate_a_burst_at_a_time(settings: Settings) -> None:
     """`produce` with a rate sends `burst` events, then waits until they are due: never
-    ahead of the rate (the soak's bursts of a second's events keep the embedded broker's
-    partitions to a batch a second)."""
+    ahead of the rate. (What the bursts are for, fewer record batches in the embedded
+    broker's partitions, this does not check: see the README's soak row.)"""
     from worker.replay import produce
 
     ensure_topics(settings.kafka, partitions=2)

@@ -5,8 +5,9 @@ The suite runs 30 s at 1,000 events/s with a 5,000-profile cache; `make soak` ru
 full one (SOAK_SECONDS=600, SOAK_RATE=2000, SOAK_CACHE=200000: about a million distinct
 users) and prints the figures the README quotes. The producer sends a second's events
 at a time: the embedded broker's fetches slow down with the number of record batches a
-partition holds, and bursts of 100 left about 12,000 in each by the end of a full soak,
-until the broker, not the worker, fell behind (see the README's soak row).
+partition holds. Bursts of 100, 20 a second, would leave about 12,000 in each by the end
+of a full soak (counted from the pacing, not read from the broker), and the broker, not
+the worker, fell behind (see the README's soak row).
 """
 
 from __future__ import annotations
