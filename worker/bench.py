@@ -43,7 +43,7 @@ from sklearn.metrics import adjusted_rand_score
 from config.settings import Settings, to_env
 from schemas.reader import text
 from schemas.records import RedisKeys
-from worker.embedded import free_port
+from worker.embedded import Guard, free_port
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import event_ms, generate
 from worker.profiles import DAY_MS
@@ -113,6 +113,7 @@ class WorkerProcess:
     idle_s: float
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    guard: Guard | None = None  # stops the worker if the bench is killed
 
     def start(self) -> WorkerProcess:
         metrics = self.settings.metrics.model_copy(update={"host": "127.0.0.1", "port": self.port})
@@ -124,6 +125,7 @@ class WorkerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        self.guard = Guard(self.process.pid)
         return self
 
     @property
@@ -146,6 +148,9 @@ class WorkerProcess:
             assert self.process is not None
             self.process.terminate()
             self.process.wait(60)
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
 
 
 @dataclass
@@ -258,6 +263,8 @@ class Bench:
                 samples.append(Sample(time.monotonic(), events, cpu))
             self.progress.update(task, completed=events)
             time.sleep(0.25)
+        for p in procs:
+            p.stop()
         other_cpu = {name: cpu_seconds(pid) - other_cpu[name] for name, pid in others.items()}
         start, end = sustained(samples, self.events)
         rate = (end.events - start.events) / (end.at - start.at)
@@ -373,6 +380,7 @@ class Bench:
         while worker.alive():
             after = scrape(worker.port) or after
             time.sleep(0.25)
+        worker.stop()
         self.progress.update(task, total=self.events)
         return {
             "offered_events_per_s": round(rate),

@@ -53,33 +53,45 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     raise EmbeddedError(f"{name} did not listen on port {port} within 20s")
 
 
-# The guard beside each server: it reads its stdin, which only the server's parent
-# writes. A byte means the parent stopped the server itself; end of file means the
-# parent died, so it stops the server (SIGTERM, then SIGKILL after 10 s). Servers run in
-# a session of their own, so that Ctrl-C reaches only the parent, and kill -9 of the
-# parent would otherwise leave them running. A pidfd names the server, not a pid that
-# could be reused. Parent-death signals (PR_SET_PDEATHSIG) fire when the starting
-# *thread* exits, and setting one needs a `preexec_fn`, which is unsafe with threads.
+# A guard's program. Its stdin is a pipe that only its parent holds open, never writes
+# to: it reads as ready when the parent has exited, however it died. A pidfd names the
+# child, not a pid that could be reused, and reads as ready when the child has exited.
 _GUARD = """
 import os, select, signal, sys
-server = os.pidfd_open(int(sys.argv[1]))
-if not sys.stdin.buffer.read(1):
+child = os.pidfd_open(int(sys.argv[1]))
+if child not in select.select([child, sys.stdin], [], [])[0]:
     try:
-        signal.pidfd_send_signal(server, signal.SIGTERM)
-        if not select.select([server], [], [], 10)[0]:
-            signal.pidfd_send_signal(server, signal.SIGKILL)
+        signal.pidfd_send_signal(child, signal.SIGTERM)
+        if not select.select([child], [], [], 10)[0]:
+            signal.pidfd_send_signal(child, signal.SIGKILL)
     except ProcessLookupError:
         pass
 """
 
 
-def _start_guard(pid: int) -> subprocess.Popen[bytes]:
-    """A process that stops the server `pid` if this process dies first."""
-    return subprocess.Popen(
-        [sys.executable, "-I", "-c", _GUARD, str(pid)],
-        stdin=subprocess.PIPE,
-        start_new_session=True,
-    )
+class Guard:
+    """A process beside a child that stops the child (SIGTERM, then SIGKILL after 10 s)
+    if this process dies first, by `kill -9` or a crash, which skip every cleanup; it
+    exits by itself when the child does.
+
+    The embedded servers run in sessions of their own, so that Ctrl-C in a terminal
+    reaches only their parent, and would otherwise outlive it. (Parent-death signals,
+    PR_SET_PDEATHSIG, fire when the starting *thread* exits, and setting one needs a
+    `preexec_fn`, which is unsafe with threads.)
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-c", _GUARD, str(pid)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def close(self) -> None:
+        """Once the child has stopped: let the guard go and reap it."""
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait()
 
 
 class _ChildServer(ABC):
@@ -91,7 +103,7 @@ class _ChildServer(ABC):
         self._dir = Path(tempfile.mkdtemp(prefix=f"segment-{self.name}-"))
         self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
-        self._guard: subprocess.Popen[bytes] | None = None
+        self._guard: Guard | None = None
 
     @abstractmethod
     def command(self) -> list[str]:
@@ -112,7 +124,7 @@ class _ChildServer(ABC):
                 env=os.environ | self.environment(),
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the child
             )
-        self._guard = _start_guard(self._process.pid)
+        self._guard = Guard(self._process.pid)
         try:
             _wait_for_port(self.port, self._process, self.name, log)
         except EmbeddedError:
@@ -129,16 +141,11 @@ class _ChildServer(ABC):
                 self._process.kill()
                 self._process.wait()
         self._process = None
-        self._dismiss_guard()
+        self._close_guard()
 
-    def _dismiss_guard(self) -> None:
-        """The server is stopped: tell its guard so, and let it exit."""
+    def _close_guard(self) -> None:
         if self._guard is not None:
-            assert self._guard.stdin is not None
-            with contextlib.suppress(BrokenPipeError):
-                self._guard.stdin.write(b"stopped")
-                self._guard.stdin.close()
-            self._guard.wait()
+            self._guard.close()
             self._guard = None
 
     @property
@@ -153,7 +160,7 @@ class _ChildServer(ABC):
             self._process.kill()
             self._process.wait()
         self._process = None
-        self._dismiss_guard()
+        self._close_guard()
 
     def remove(self) -> None:
         self.stop()
