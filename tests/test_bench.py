@@ -72,6 +72,7 @@ def test_bench_reports_every_figure() -> None:
     assert full["cpu_s_per_1k_events"] > 0 and full["peak_rss_mb"][0] > 50
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
     assert 0 < latency["batch_p50_ms"] <= latency["batch_p99_ms"]
+    assert 0 < latency["poll_wait_p50_ms"] < 500  # under the poll timeout: records came
     assert set(latency["cores_while_paced"]) == {"broker", "redis", "worker", "load_generator"}
     assert 0 < latency["cores_while_paced"]["worker"] <= 1.5  # one loop, a network thread
     assert latency["offered_events_per_s"] == round(full["events_per_s"] / 2)

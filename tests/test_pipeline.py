@@ -182,6 +182,10 @@ def test_every_user_gets_a_segment_bad_input_goes_to_the_dlq_offsets_are_committ
     )
     assert metric_sum(text, "segmentation_segment_changes_total") >= len(shop.truth)
     assert metric_sum(text, "segmentation_profiles_active") == len(shop.truth)
+    # one wait per poll, at least one poll per batch; on average near the 0.2 s timeout at most
+    polls = metric_sum(text, "segmentation_poll_wait_seconds_count")
+    assert polls >= metric_sum(text, "segmentation_batch_seconds_count") > 0
+    assert metric_sum(text, "segmentation_poll_wait_seconds_sum") <= polls * 0.6
     assert scrape(port, "/readyz")[0] == 200
     running.stop.set()
     running.join()

@@ -54,6 +54,7 @@ from worker.source import consumer_config, ensure_topics
 PARTITIONS = 4
 LATENCY = "segmentation_event_to_segment_latency_seconds"  # the worker's histograms read
 BATCH = "segmentation_batch_seconds"
+POLL_WAIT = "segmentation_poll_wait_seconds"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -390,6 +391,9 @@ class Bench:
             **quantiles_ms("", LATENCY, before, after),
             # the worker's own share: processing a batch, from decoding to the commit
             **quantiles_ms("batch_", BATCH, before, after),
+            # what each poll waited for a fetch (the median: the idle polls at the end
+            # of the run, 0.5 s each, would count in the upper quantiles)
+            "poll_wait_p50_ms": quantiles_ms("", POLL_WAIT, before, after)["p50_ms"],
             "cores_while_paced": cores,
         }
 
@@ -476,6 +480,7 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"{lat['batch_p50_ms']} / {lat['batch_p99_ms']} ms",
             "",
         ),
+        ("the worker's poll waiting for a fetch, p50", f"{lat['poll_wait_p50_ms']} ms", ""),
         (
             "cores in use while paced",
             ", ".join(f"{k} {v}" for k, v in lat["cores_while_paced"].items()),

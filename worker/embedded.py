@@ -58,7 +58,10 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
 # child, not a pid that could be reused, and reads as ready when the child has exited.
 _GUARD = """
 import os, select, signal, sys
-child = os.pidfd_open(int(sys.argv[1]))
+try:
+    child = os.pidfd_open(int(sys.argv[1]))
+except (AttributeError, OSError):  # not Linux 5.3 or later, or the child is gone
+    sys.exit()
 if child not in select.select([child, sys.stdin], [], [])[0]:
     try:
         signal.pidfd_send_signal(child, signal.SIGTERM)
@@ -72,7 +75,8 @@ if child not in select.select([child, sys.stdin], [], [])[0]:
 class Guard:
     """A process beside a child that stops the child (SIGTERM, then SIGKILL after 10 s)
     if this process dies first, by `kill -9` or a crash, which skip every cleanup; it
-    exits by itself when the child does.
+    exits by itself when the child does. It needs Linux 5.3 or later (pidfd); elsewhere
+    it exits at once and guards nothing.
 
     The embedded servers run in sessions of their own, so that Ctrl-C in a terminal
     reaches only their parent, and would otherwise outlive it. (Parent-death signals,

@@ -12,6 +12,7 @@ LATENCY_BUCKETS = (
     *(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75),
     *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
 )
+POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 DISTANCE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
 CHANGE_CAUSES = ("event", "model", "settled")  # why a user's segment changed
 
@@ -137,6 +138,14 @@ class Metrics:
             "Failed Kafka operations (retried; a failed asynchronous commit is covered by "
             "the next one).",
             ["operation"],
+            registry=r,
+        )
+        self.poll_wait = Histogram(
+            "segmentation_poll_wait_seconds",
+            "Time each poll of Kafka waited for records: near zero when the worker is what "
+            "holds the stream back, about a fetch round trip (or the poll timeout, idle) "
+            "when it is not.",
+            buckets=POLL_BUCKETS,
             registry=r,
         )
         self.batch_seconds = Histogram(

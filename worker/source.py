@@ -318,10 +318,12 @@ class KafkaSource:
             # when their partition is paused, and kafka-python 3.0 does not always hand
             # parked records back (all four clickstream partitions stalled in a test).
             ready = aligner is not None and aligner.ready(self._to_come, time.monotonic())
+            started = time.monotonic()
             batches = self.consumer.poll(
                 timeout_ms=0 if ready else self._settings.poll_timeout_ms,
                 max_records=self._settings.max_poll_records if aligner is None else FETCHED_AT_ONCE,
             )
+            self._metrics.poll_wait.observe(time.monotonic() - started)
         except KafkaError as exc:
             self._metrics.kafka_errors.labels("poll").inc()
             log.warning("poll failed (%s); the consumer will reconnect", exc)
