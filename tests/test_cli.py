@@ -206,7 +206,7 @@ def guards_of(pids: list[int]) -> list[int]:
 def test_embedded_servers_end_with_the_process_that_started_them(ending: str) -> None:
     """`kill -9` of a demo, a bench or a test run skips its context managers, and the
     servers run in sessions of their own: their guards stop them. A parent that exits
-    cleanly stops them itself and dismisses the guards."""
+    cleanly stops them itself, and their guards exit with them."""
     parent = subprocess.Popen(
         [sys.executable, "-c", SERVERS_THEN_WAIT],
         stdin=subprocess.PIPE,

@@ -391,8 +391,8 @@ class Bench:
             **quantiles_ms("", LATENCY, before, after),
             # the worker's own share: processing a batch, from decoding to the commit
             **quantiles_ms("batch_", BATCH, before, after),
-            # what each poll waited for a fetch (the median: the idle polls at the end
-            # of the run, 0.5 s each, would count in the upper quantiles)
+            # a poll's wall time, mostly the wait for a fetch (the median: the idle polls
+            # at the end of the run, 0.5 s each, would count in the upper quantiles)
             "poll_wait_p50_ms": quantiles_ms("", POLL_WAIT, before, after)["p50_ms"],
             "cores_while_paced": cores,
         }

@@ -142,9 +142,10 @@ class Metrics:
         )
         self.poll_wait = Histogram(
             "segmentation_poll_wait_seconds",
-            "Time each poll of Kafka waited for records: near zero when the worker is what "
-            "holds the stream back, about a fetch round trip (or the poll timeout, idle) "
-            "when it is not.",
+            "Wall time of each poll of Kafka: the wait for a fetch, plus decoding the records "
+            "it hands over (a few microseconds each). About a fetch round trip when the "
+            "worker keeps up, decoding alone when a backlog is buffered, the poll timeout "
+            "when idle.",
             buckets=POLL_BUCKETS,
             registry=r,
         )

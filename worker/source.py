@@ -317,8 +317,8 @@ class KafkaSource:
             # `max_poll_records` at a time. Records left in the fetcher would be parked
             # when their partition is paused, and kafka-python 3.0 does not always hand
             # parked records back (all four clickstream partitions stalled in a test).
-            ready = aligner is not None and aligner.ready(self._to_come, time.monotonic())
             started = time.monotonic()
+            ready = aligner is not None and aligner.ready(self._to_come, started)
             batches = self.consumer.poll(
                 timeout_ms=0 if ready else self._settings.poll_timeout_ms,
                 max_records=self._settings.max_poll_records if aligner is None else FETCHED_AT_ONCE,
