@@ -40,13 +40,14 @@ def test_the_latency_stage_model_settles_within_the_warm_up() -> None:
 def test_the_sustained_rate_spans_two_scrapes_even_when_a_run_is_quick() -> None:
     """From 10 % to 90 % of 1,000 events between two scrapes: the scrape before 10 % and
     the one at 90 % bound the stretch (the first at 10 % and at 90 % would be the same)."""
-    samples = [Sample(0.0, 0, 0.0), Sample(0.25, 50, 0.1), Sample(0.5, 1000, 0.3)]
+    samples = [Sample(t, [n], [0.0], [True]) for t, n in ((0.0, 0), (0.25, 50), (0.5, 1000))]
     start, end = sustained(samples, 1000)
     assert (start.at, end.at) == (0.25, 0.5)
-    steady = [Sample(t / 4, min(250.0 * t, 1000), 0.0) for t in range(6)]
+    # two workers: the events of both count
+    steady = [Sample(t / 4, [min(125.0 * t, 500)] * 2, [0.0] * 2, [True, False]) for t in range(6)]
     assert [s.events for s in sustained(steady, 1000)] == [0.0, 1000]
     with pytest.raises(RuntimeError, match="too few"):
-        sustained([Sample(0.0, 1000, 0.0)], 1000)
+        sustained([Sample(0.0, [1000], [0.0], [True])], 1000)
 
 
 @pytest.mark.integration
@@ -85,4 +86,9 @@ def test_bench_reports_every_figure() -> None:
     assert 0 < batch["ari_streaming_vs_personas"] <= 1 and 0 < batch["ari_batch_vs_personas"] <= 1
     assert batch["wall_s"] >= batch["fit_s"]
     assert scale["workers"] == 2 and len(scale["peak_rss_mb"]) == 2
+    assert [w["role"] for w in full["per_worker"]] == ["trainer"]
+    # one worker trains; both take a share of the events and report their own CPU
+    assert sorted(w["role"] for w in scale["per_worker"]) == ["follower", "trainer"]
+    assert sum(w["events_share"] for w in scale["per_worker"]) == pytest.approx(1, abs=0.01)
+    assert all(w["events_share"] > 0 and w["cpu_s_per_1k_events"] > 0 for w in scale["per_worker"])
     assert set(scale["cpu_s_whole_run"]) == {"broker", "redis", "workers"}

@@ -9,14 +9,15 @@ report. The stages, in order:
    record and does nothing else;
 2. full speed: one worker on the same records: sustained events/s between 10 % and 90 %
    of them (past warm-up), CPU seconds per 1k events, peak RSS;
-3. footprint: Redis bytes per user (MEMORY USAGE of everything stored about a sample);
-4. batch alternative: load every profile, fit scikit-learn k-means (k-means++, same k),
+3. scale-out: two workers sharing the partitions, next to the one worker's stage (the
+   machine's speed drifts over minutes): throughput, the CPU split between broker,
+   Redis and workers, and each worker's CPU per 1k of its events, trainer and follower;
+4. footprint: Redis bytes per user (MEMORY USAGE of everything stored about a sample);
+5. batch alternative: load every profile, fit scikit-learn k-means (k-means++, same k),
    write every user's segment back; its wall time bounds the freshness of a schedule;
-5. latency: a worker in steady state (its own shop's first half, unpaced, seeds and
+6. latency: a worker in steady state (its own shop's first half, unpaced, seeds and
    settles its model) under a paced producer at half the full speed for the second
-   half: p50/p95/p99 from a record's Kafka timestamp to its batch written to Redis;
-6. scale-out: two workers sharing the partitions: throughput and the CPU split between
-   broker, Redis and workers.
+   half: p50/p95/p99 from a record's Kafka timestamp to its batch written to Redis.
 """
 
 from __future__ import annotations
@@ -156,9 +157,16 @@ class WorkerProcess:
 
 @dataclass
 class Sample:
+    """One scrape of a full-speed stage: per worker, events applied and CPU seconds."""
+
     at: float
-    events: float
-    cpu: float
+    applied: list[float]
+    cpu_s: list[float]
+    leading: list[bool]  # holds the model's lease: trains and publishes
+
+    @property
+    def events(self) -> float:
+        return sum(self.applied)
 
 
 class Bench:
@@ -214,15 +222,16 @@ class Bench:
         figures["full_speed"]["ratio_to_raw"] = round(
             figures["full_speed"]["events_per_s"] / figures["raw_ceiling_events_per_s"], 3
         )
-        figures["redis_bytes_per_user"] = self.bytes_per_user(main, list(shop.truth))
-        figures["batch_alternative"] = self.batch_alternative(main, task, shop.truth)
-        half = figures["full_speed"]["events_per_s"] / 2
-        figures["latency"] = self.latency(self.latency_rate or half, task)
+        # right after the one worker: this machine's speed drifts by a third over minutes
         scale = self.full_speed(self.settings_for("scale", "b", topics="main"), task, workers=2)
         scale["ratio_to_one_worker"] = round(
             scale["events_per_s"] / figures["full_speed"]["events_per_s"], 3
         )
         figures["scale_out"] = scale
+        figures["redis_bytes_per_user"] = self.bytes_per_user(main, list(shop.truth))
+        figures["batch_alternative"] = self.batch_alternative(main, task, shop.truth)
+        half = figures["full_speed"]["events_per_s"] / 2
+        figures["latency"] = self.latency(self.latency_rate or half, task)
         return figures
 
     def raw_ceiling(self, settings: Settings, task: Any) -> float:
@@ -253,35 +262,49 @@ class Bench:
         samples: list[Sample] = []
         peak = [0.0] * workers
         applied = [0.0] * workers
+        cpu = [0.0] * workers
+        leading = [False] * workers
         while any(p.alive() for p in procs):
-            # a worker that has exited reports nothing: keep each one's highest count seen
+            # a worker that has exited reports nothing: keep each one's last figures
             for i, p in enumerate(procs):
-                applied[i] = max(applied[i], total(scrape(p.port), "segmentation_events_total"))
-            events = sum(applied)
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                cpu = sum(cpu_seconds(p.pid) for p in procs if p.alive())
-                peak = [max(peak[i], peak_rss_mb(p.pid)) for i, p in enumerate(procs)]
-                samples.append(Sample(time.monotonic(), events, cpu))
-            self.progress.update(task, completed=events)
+                seen = scrape(p.port)
+                applied[i] = max(applied[i], total(seen, "segmentation_events_total"))
+                if seen:
+                    leading[i] = total(seen, "segmentation_model_leader") == 1
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    cpu[i] = cpu_seconds(p.pid)
+                    peak[i] = max(peak[i], peak_rss_mb(p.pid))
+            samples.append(Sample(time.monotonic(), list(applied), list(cpu), list(leading)))
+            self.progress.update(task, completed=sum(applied))
             time.sleep(0.25)
         for p in procs:
             p.stop()
         other_cpu = {name: cpu_seconds(pid) - other_cpu[name] for name, pid in others.items()}
         start, end = sustained(samples, self.events)
-        rate = (end.events - start.events) / (end.at - start.at)
-        cpu_per_1k = (end.cpu - start.cpu) / (end.events - start.events) * 1000
+        events = end.events - start.events
+        per_worker = []
+        for i in range(workers):
+            applied_i, cpu_i = end.applied[i] - start.applied[i], end.cpu_s[i] - start.cpu_s[i]
+            per_worker.append(
+                {
+                    "role": "trainer" if end.leading[i] else "follower",
+                    "events_share": round(applied_i / events, 3),
+                    "cpu_s_per_1k_events": round(cpu_i / max(applied_i, 1) * 1000, 3),
+                }
+            )
         result: dict[str, Any] = {
             "workers": workers,
-            "events_per_s": round(rate),
-            # all workers' CPU over all their events: per worker, if the work splits evenly
-            "cpu_s_per_1k_events": round(cpu_per_1k, 3),
+            "events_per_s": round(events / (end.at - start.at)),
+            # all workers' CPU over all their events
+            "cpu_s_per_1k_events": round((sum(end.cpu_s) - sum(start.cpu_s)) / events * 1000, 3),
+            "per_worker": per_worker,
             "peak_rss_mb": [round(p) for p in peak],
             "wall_s": round(samples[-1].at - samples[0].at, 1),
         }
         if other_cpu:
             result["cpu_s_whole_run"] = {
                 **{name: round(v, 1) for name, v in other_cpu.items()},
-                "workers": round(samples[-1].cpu, 1),
+                "workers": round(sum(samples[-1].cpu_s), 1),
             }
         return result
 
@@ -509,8 +532,13 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             "two workers, CPU per 1k events",
-            f"{scale['cpu_s_per_1k_events']:.3f} s",
-            "",
+            f"{scale['cpu_s_per_1k_events']:.3f} s ("
+            + ", ".join(
+                f"{w['role']} {w['cpu_s_per_1k_events']:.3f} s on {w['events_share']:.0%}"
+                for w in scale["per_worker"]
+            )
+            + ")",
+            "not above one worker's",
         ),
         (
             "two workers, CPU split (whole run)",
