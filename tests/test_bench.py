@@ -11,10 +11,14 @@ import sys
 
 import orjson
 import pytest
+import redis
+from conftest import worker_env
+from kafka import KafkaAdminClient
 
-from config.settings import ModelSettings
+from config.settings import ModelSettings, Settings
 from worker.bench import Sample, histogram_quantile, settle_days_within, sustained
 from worker.profiles import DAY_MS
+from worker.source import kafka_client_config
 
 BENCH = [sys.executable, "-m", "worker", "bench"]
 
@@ -92,3 +96,27 @@ def test_bench_reports_every_figure() -> None:
     assert sum(w["events_share"] for w in scale["per_worker"]) == pytest.approx(1, abs=0.01)
     assert all(w["events_share"] > 0 and w["cpu_s_per_1k_events"] > 0 for w in scale["per_worker"])
     assert set(scale["cpu_s_whole_run"]) == {"broker", "redis", "workers"}
+
+
+@pytest.mark.integration
+def test_bench_on_given_servers_leaves_them_as_it_found_them(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """`--given` may point at shared servers: the run's keys, topics and groups go at the
+    end, and its workers write to topics of their own (not the settings' lifecycle topic,
+    which other services read)."""
+    redis_client.set("someone-elses", "kept")
+    admin = KafkaAdminClient(**kafka_client_config(settings.kafka))
+    topics_before = set(admin.list_topics())
+    ran = subprocess.run(
+        [*BENCH, "--given", "--events", "20000", "--users", "2000", "--latency-seconds", "5"],
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "two workers, sustained" in ran.stdout  # the table
+    assert redis_client.keys("*") == [b"someone-elses"]
+    assert set(admin.list_topics()) == topics_before
+    admin.close()

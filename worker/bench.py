@@ -23,6 +23,7 @@ report. The stages, in order:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -35,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import RedisError
 from rich.progress import Progress
 from sklearn.cluster import KMeans as BatchKMeans
 from sklearn.metrics import adjusted_rand_score
@@ -50,7 +53,9 @@ from worker.generator import event_ms, generate
 from worker.profiles import DAY_MS
 from worker.replay import produce
 from worker.sink import connect, stored_profiles
-from worker.source import consumer_config, ensure_topics
+from worker.source import consumer_config, ensure_topics, kafka_client_config
+
+log = logging.getLogger(__name__)
 
 PARTITIONS = 4
 LATENCY = "segmentation_event_to_segment_latency_seconds"  # the worker's histograms read
@@ -190,9 +195,11 @@ class Bench:
         self.pids = {"broker": broker_pid, "redis": redis_pid}
         self.run_id = uuid.uuid4().hex[:6]
         self.redis = connect(settings.redis)
+        self.groups: set[str] = set()  # consumer groups of the stages, deleted at the end
 
     def settings_for(self, name: str, prefix: str, topics: str | None = None) -> Settings:
         topics = topics or name
+        self.groups.add(f"bench-{self.run_id}-{name}")
         kafka = self.base.kafka.model_copy(
             update={
                 "group_id": f"bench-{self.run_id}-{name}",
@@ -200,12 +207,29 @@ class Bench:
                 "purchases_topic": f"bench-{self.run_id}-{topics}-purchases",
                 "dlq_topic": f"bench-{self.run_id}-dlq",
                 "changes_topic": f"bench-{self.run_id}-changes",
+                "lifecycle_topic": f"bench-{self.run_id}-lifecycle",
             }
         )
         redis = self.base.redis.model_copy(update={"key_prefix": f"bench{self.run_id}{prefix}"})
         return self.base.model_copy(update={"kafka": kafka, "redis": redis})
 
     def run(self) -> dict[str, Any]:
+        """Every stage; then the run's keys, topics and groups are deleted, so that given
+        servers (`--given`) are left as the bench found them."""
+        try:
+            return self.stages()
+        finally:
+            try:
+                self.forget("")
+                self.delete_topics_and_groups()
+            except (KafkaError, RedisError) as exc:  # do not hide why the stages stopped
+                log.warning(
+                    "bench: could not delete all of run %s's keys, topics and groups: %s",
+                    self.run_id,
+                    exc,
+                )
+
+    def stages(self) -> dict[str, Any]:
         main = self.settings_for("main", "a")
         ensure_topics(main.kafka, PARTITIONS)
         task = self.progress.add_task("generating and producing events", total=self.events)
@@ -228,11 +252,33 @@ class Bench:
             scale["events_per_s"] / figures["full_speed"]["events_per_s"], 3
         )
         figures["scale_out"] = scale
+        self.forget("b")  # the later stages scan Redis: keep their figures those of one shop
         figures["redis_bytes_per_user"] = self.bytes_per_user(main, list(shop.truth))
         figures["batch_alternative"] = self.batch_alternative(main, task, shop.truth)
         half = figures["full_speed"]["events_per_s"] / 2
         figures["latency"] = self.latency(self.latency_rate or half, task)
         return figures
+
+    def forget(self, prefix: str) -> None:
+        """Delete the Redis keys under a stage's prefix (all of this run's with "")."""
+        names: list[bytes] = []
+        for name in self.redis.scan_iter(f"bench{self.run_id}{prefix}*", count=5000):
+            names.append(name)
+            if len(names) == 5000:
+                self.redis.unlink(*names)
+                names = []
+        if names:
+            self.redis.unlink(*names)
+
+    def delete_topics_and_groups(self) -> None:
+        admin = KafkaAdminClient(**kafka_client_config(self.base.kafka))
+        try:
+            mine = [t for t in admin.list_topics() if t.startswith(f"bench-{self.run_id}-")]
+            if mine:
+                admin.delete_topics(mine)
+            admin.delete_groups(sorted(self.groups))
+        finally:
+            admin.close()
 
     def raw_ceiling(self, settings: Settings, task: Any) -> float:
         self.progress.update(task, description="raw ceiling: bare consumer", completed=0)
