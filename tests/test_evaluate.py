@@ -11,15 +11,20 @@ import itertools
 from collections import defaultdict
 
 import pytest
+import redis
+from kafka import KafkaAdminClient
 
 from config.settings import ModelSettings, Settings
 from worker.evaluate import LEAD, PARTITIONS, Cut, Evaluation, rows, stability
 from worker.generator import Shop, generate
 from worker.profiles import DAY_MS
+from worker.source import kafka_client_config
 
 
 @pytest.mark.integration
-def test_evaluate_scores_segments_stability_and_drift_response(settings: Settings) -> None:
+def test_evaluate_scores_segments_stability_and_drift_response(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
     production_model = settings.model_copy(update={"model": ModelSettings()})
     figures = Evaluation(production_model, users=1500, events=150_000, seed=3).run()
     scenario, quality = figures["scenario"], figures["quality"]
@@ -62,6 +67,11 @@ def test_evaluate_scores_segments_stability_and_drift_response(settings: Setting
     assert table["ids nearest the same persona 10,000 events after the new persona"].startswith(
         f"{kept}/"
     )
+    # the run's own topics, group and keys are gone: given servers are left as they were
+    assert redis_client.keys("eval-*") == []
+    admin = KafkaAdminClient(**kafka_client_config(settings.kafka))
+    assert [topic for topic in admin.list_topics() if topic.startswith("eval-")] == []
+    admin.close()
 
 
 def test_replay_is_deterministic_and_answers_the_drift_schedule() -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
@@ -52,8 +52,8 @@ from worker.features import FEATURES, FeatureExtractor
 from worker.generator import event_ms, generate
 from worker.profiles import DAY_MS
 from worker.replay import produce
-from worker.sink import connect, stored_profiles
-from worker.source import consumer_config, ensure_topics, kafka_client_config
+from worker.sink import connect, delete_keys, stored_profiles
+from worker.source import consumer_config, delete_topics, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class Bench:
         finally:
             try:
                 self.forget("")
-                self.delete_topics_and_groups()
+                delete_topics(self.base.kafka, f"bench-{self.run_id}-", self.groups)
             except (KafkaError, RedisError) as exc:  # do not hide why the stages stopped
                 log.warning(
                     "bench: could not delete all of run %s's keys, topics and groups: %s",
@@ -261,24 +261,7 @@ class Bench:
 
     def forget(self, prefix: str) -> None:
         """Delete the Redis keys under a stage's prefix (all of this run's with "")."""
-        names: list[bytes] = []
-        for name in self.redis.scan_iter(f"bench{self.run_id}{prefix}*", count=5000):
-            names.append(name)
-            if len(names) == 5000:
-                self.redis.unlink(*names)
-                names = []
-        if names:
-            self.redis.unlink(*names)
-
-    def delete_topics_and_groups(self) -> None:
-        admin = KafkaAdminClient(**kafka_client_config(self.base.kafka))
-        try:
-            mine = [t for t in admin.list_topics() if t.startswith(f"bench-{self.run_id}-")]
-            if mine:
-                admin.delete_topics(mine)
-            admin.delete_groups(sorted(self.groups))
-        finally:
-            admin.close()
+        delete_keys(self.redis, f"bench{self.run_id}{prefix}*")
 
     def raw_ceiling(self, settings: Settings, task: Any) -> float:
         self.progress.update(task, description="raw ceiling: bare consumer", completed=0)

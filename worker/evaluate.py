@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 import random
 import threading
@@ -41,6 +42,8 @@ from typing import Any
 import numpy as np
 import orjson
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from redis.exceptions import RedisError
 from sklearn.cluster import KMeans as BatchKMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
@@ -58,8 +61,10 @@ from worker.metrics import Metrics
 from worker.model import SegmentModel
 from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 from worker.replay import produce
-from worker.sink import connect, stored_profiles
-from worker.source import ensure_topics, kafka_client_config
+from worker.sink import connect, delete_keys, stored_profiles
+from worker.source import delete_topics, ensure_topics, kafka_client_config
+
+log = logging.getLogger(__name__)
 
 SILHOUETTE_SAMPLE = 5000
 PARTITIONS = 4
@@ -117,7 +122,10 @@ class Evaluation:
             if self.replay:
                 outcome = replay(settings, shop, marks, Cut(self.cut))
             else:
-                outcome = self._pipeline(settings, shop, marks)
+                try:
+                    outcome = self._pipeline(settings, shop, marks)
+                finally:
+                    _forget(settings)
         return {
             "scenario": {
                 "users": len(shop.truth),
@@ -238,6 +246,17 @@ class Evaluation:
             {user: profiles[user] for user in segments},
             {id_: record.centroid for id_, record in live.items()},
         )
+
+
+def _forget(settings: Settings) -> None:
+    """Delete the run's topics, group and keys (`_own_topics` names them all after the
+    group): given servers are left as they were."""
+    run = settings.kafka.group_id
+    try:
+        delete_keys(connect(settings.redis), f"{run}:*")
+        delete_topics(settings.kafka, f"{run}-", [run])
+    except (KafkaError, RedisError) as exc:  # do not hide why the run stopped
+        log.warning("evaluate: could not delete all of run %s's keys and topics: %s", run, exc)
 
 
 def read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:

@@ -496,3 +496,18 @@ def ensure_topics(settings: KafkaSettings, partitions: int) -> None:
                 admin.create_topics(missing)
     finally:
         admin.close()
+
+
+def delete_topics(settings: KafkaSettings, prefix: str, groups: Iterable[str] = ()) -> None:
+    """Delete the topics named `prefix`… and these consumer groups: what a bench or
+    evaluation run made on servers it was given."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(**kafka_client_config(settings))
+    try:
+        if mine := [topic for topic in admin.list_topics() if topic.startswith(prefix)]:
+            admin.delete_topics(mine)
+        if groups := sorted(groups):
+            admin.delete_groups(groups)
+    finally:
+        admin.close()
