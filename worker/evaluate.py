@@ -253,7 +253,8 @@ def _forget(settings: Settings) -> None:
     group): given servers are left as they were."""
     run = settings.kafka.group_id
     try:
-        delete_keys(connect(settings.redis), f"{run}:*")
+        with connect(settings.redis) as client:
+            delete_keys(client, f"{run}:*")
         delete_topics(settings.kafka, f"{run}-", [run])
     except (KafkaError, RedisError) as exc:  # do not hide why the run stopped
         log.warning("evaluate: could not delete all of run %s's keys and topics: %s", run, exc)
