@@ -6,13 +6,14 @@ the README. Timed assertions have no place here: only consistency is checked.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
 import orjson
 import pytest
 import redis
-from conftest import worker_env
+from conftest import wait_for, worker_env
 from kafka import KafkaAdminClient
 
 from config.settings import ModelSettings, Settings
@@ -118,5 +119,31 @@ def test_bench_on_given_servers_leaves_them_as_it_found_them(
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "two workers, sustained" in ran.stdout  # the table
     assert redis_client.keys("*") == [b"someone-elses"]
+    assert set(admin.list_topics()) == topics_before
+    admin.close()
+
+
+@pytest.mark.integration
+def test_a_bench_interrupted_mid_stage_still_cleans_up(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Ctrl-C while the first worker writes: its worker stops, then the run's keys and
+    topics go, as at a normal end."""
+    admin = KafkaAdminClient(**kafka_client_config(settings.kafka))
+    topics_before = set(admin.list_topics())
+    bench = subprocess.Popen(
+        [*BENCH, "--given", "--events", "20000", "--users", "2000"],
+        env=worker_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: redis_client.keys("bench*:profile:*"), 120, "the worker's first writes")
+        bench.send_signal(signal.SIGINT)  # to the bench alone: its worker stops by its hand
+        _, stderr = bench.communicate(timeout=120)
+    finally:
+        bench.kill()
+    assert bench.returncode != 0, "the bench was interrupted"
+    assert redis_client.keys("*") == [], stderr.decode()[-2000:]
     assert set(admin.list_topics()) == topics_before
     admin.close()

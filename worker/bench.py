@@ -202,6 +202,7 @@ class Bench:
         self.run_id = uuid.uuid4().hex[:6]
         self.redis = connect(settings.redis)
         self.groups: set[str] = set()  # consumer groups of the stages, deleted at the end
+        self.started: list[WorkerProcess] = []  # stopped at the end, if a stage was cut short
 
     def settings_for(self, name: str, prefix: str, topics: str | None = None) -> Settings:
         topics = topics or name
@@ -225,6 +226,8 @@ class Bench:
         try:
             return self.stages()
         finally:
+            for worker in self.started:
+                worker.stop()
             try:
                 self.forget("")
                 delete_topics(self.base.kafka, f"bench-{self.run_id}-", self.groups)
@@ -265,6 +268,11 @@ class Bench:
         figures["latency"] = self.latency(self.latency_rate or half, task)
         return figures
 
+    def start_worker(self, settings: Settings, idle_s: float) -> WorkerProcess:
+        worker = WorkerProcess(settings, idle_s).start()
+        self.started.append(worker)
+        return worker
+
     def forget(self, prefix: str) -> None:
         """Delete the Redis keys under a stage's prefix (all of this run's with "")."""
         delete_keys(self.redis, f"bench{self.run_id}{prefix}*")
@@ -291,7 +299,7 @@ class Bench:
         label = "full speed" if workers == 1 else f"scale-out: {workers} workers"
         self.progress.update(task, description=label, completed=0)
         # idle long enough to outlast a rebalance and a slow first fetch from deep offsets
-        procs = [WorkerProcess(settings, idle_s=15).start() for _ in range(workers)]
+        procs = [self.start_worker(settings, idle_s=15) for _ in range(workers)]
         others = {name: pid for name, pid in self.pids.items() if pid}
         other_cpu = {name: cpu_seconds(pid) for name, pid in others.items()}
         samples: list[Sample] = []
@@ -416,7 +424,7 @@ class Bench:
         model = settings.model.model_copy(update={"settle_days": settled})
         settings = settings.model_copy(update={"model": model})
         ensure_topics(settings.kafka, PARTITIONS)
-        worker = WorkerProcess(settings, idle_s=5).start()
+        worker = self.start_worker(settings, idle_s=5)
         wait(worker.ready, 120)
         self.progress.update(task, description="latency: warm-up", completed=0, total=count)
         produce(warm_up, settings, on_sent=lambda n: self.progress.update(task, completed=n))
