@@ -127,8 +127,8 @@ def test_bench_on_given_servers_leaves_them_as_it_found_them(
 def test_a_bench_interrupted_mid_stage_still_cleans_up(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    """Ctrl-C while the first worker writes: its worker stops, then the run's keys and
-    topics go, as at a normal end."""
+    """Stopped while the first worker writes (SIGTERM; Ctrl-C takes the same path): its
+    worker stops, then the run's keys and topics go, as at a normal end."""
     admin = KafkaAdminClient(**kafka_client_config(settings.kafka))
     topics_before = set(admin.list_topics())
     bench = subprocess.Popen(
@@ -139,7 +139,7 @@ def test_a_bench_interrupted_mid_stage_still_cleans_up(
     )
     try:
         wait_for(lambda: redis_client.keys("bench*:profile:*"), 120, "the worker's first writes")
-        bench.send_signal(signal.SIGINT)  # to the bench alone: its worker stops by its hand
+        bench.send_signal(signal.SIGTERM)  # to the bench alone: its worker stops by its hand
         _, stderr = bench.communicate(timeout=120)
     finally:
         bench.kill()

@@ -359,6 +359,7 @@ def bench(
     from worker.embedded import servers
 
     settings = _settings(config)
+    _interruptible()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with (
         servers(settings, embedded) as (where, broker_pid, redis_pid),
@@ -369,6 +370,14 @@ def bench(
         )
         figures = bench.run()
     _report(figures, as_json, "segment-worker bench", rows(figures))
+
+
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM unwind the command, so that it stops what it started and deletes
+    what it made, even when started with SIGINT ignored (as background jobs of a
+    non-interactive shell are)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _report(
@@ -434,6 +443,7 @@ def evaluate(
     if workers > 1 and replay:
         raise typer.BadParameter("a replay has no workers: drop --replay", param_hint="--workers")
     settings = _settings(config)
+    _interruptible()
     logging.getLogger("worker").setLevel(logging.WARNING)
     evaluation = partial(Evaluation, users=users, events=events, seed=seed, drifts=drifts)
     with console.status("generating and segmenting the shop"):

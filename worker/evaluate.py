@@ -184,12 +184,14 @@ class Evaluation:
                     stop.wait(0.05)
                 yield event
 
-        produce(live(), settings, topic=settings.kafka.clickstream_topic)
-        while behind(len(shop.events)):
-            stop.wait(0.5)  # every event applied: stop, as SIGTERM would (drain, publish)
-        stop.set()
-        for thread in running:
-            thread.join()
+        try:
+            produce(live(), settings, topic=settings.kafka.clickstream_topic)
+            while behind(len(shop.events)):
+                stop.wait(0.5)
+        finally:  # every event applied, or cut short: stop as SIGTERM would (drain, publish)
+            stop.set()
+            for thread in running:
+                thread.join()
         if applied() != len(shop.events):
             raise RuntimeError(
                 f"the workers stopped after {applied():,} of {len(shop.events):,} events; "
