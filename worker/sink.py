@@ -113,14 +113,9 @@ def stored_profiles(client: redis.Redis, keys: RedisKeys, chunk: int = 5000) -> 
 def delete_keys(client: redis.Redis, pattern: str, chunk: int = 5000) -> None:
     """Unlink every key matching `pattern`, a chunk at a time: what a bench or evaluation
     run stored on a Redis it was given."""
-    names: list[bytes] = []
-    for name in client.scan_iter(pattern, count=chunk):
-        names.append(name)
-        if len(names) == chunk:
-            client.unlink(*names)
-            names = []
-    if names:
-        client.unlink(*names)
+    names = list(client.scan_iter(pattern, count=chunk))
+    for start in range(0, len(names), chunk):
+        client.unlink(*names[start : start + chunk])
 
 
 SHARED_CAP = 100_000  # entries the stream keeps when no worker trains
