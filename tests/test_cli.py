@@ -107,12 +107,20 @@ def test_bad_setting_fails_at_start_naming_it(
     assert "Traceback" not in ran.stdout + ran.stderr
 
 
-def test_a_cut_without_replay_is_refused_naming_the_option() -> None:
-    ran = subprocess.run(
-        [*CLI, "evaluate", "--cut", "1"], capture_output=True, text=True, timeout=60
-    )
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--cut", "1"], ("--cut", "--replay")),  # a cut is a way of replaying
+        (["--stationary", "--drift", "sale"], ("--drift", "stationary")),
+        (["--drift", "flash_crash"], ("--drift", "flash_crash")),  # not in the schedule
+    ],
+)
+def test_evaluate_refuses_options_that_contradict_naming_them(
+    arguments: list[str], named: tuple[str, ...]
+) -> None:
+    ran = subprocess.run([*CLI, "evaluate", *arguments], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 2
-    assert "--cut" in ran.stdout + ran.stderr and "--replay" in ran.stdout + ran.stderr
+    assert all(word in ran.stdout + ran.stderr for word in named), ran.stdout + ran.stderr
     assert "Traceback" not in ran.stdout + ran.stderr
 
 

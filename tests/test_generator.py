@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from schemas import EVENT_ADAPTER
 from worker.generator import ARRIVING, PERSONAS, event_ms, generate
 
@@ -68,8 +70,22 @@ def test_new_visitors_arrive_together_and_lapsing_customers_lapse_one_by_one() -
 
 
 def test_stationary_shop_has_no_drift() -> None:
-    shop = generate(500, 8000, seed=4, drifts=False)
+    shop = generate(500, 8000, seed=4, drifts=())
     assert shop.drifts == {}
     assert ARRIVING not in set(shop.truth.values()) and len(set(shop.truth.values())) >= 5
     buyers = {e["user_id"] for e in shop.events if e["event_type"] == "purchase"}
     assert not any(shop.truth[str(u)] == "window_shopper" for u in buyers)
+
+
+def test_each_drift_can_be_scheduled_alone() -> None:
+    """`evaluate --drift`: a shop with one drift of the schedule, the other not in it, so
+    each drift's response is measured from a shop that has settled without the other."""
+    newcomers = generate(800, 16_000, seed=4, drifts=("new_persona",))
+    assert set(newcomers.drifts) == {"new_persona"}
+    assert ARRIVING in set(newcomers.truth.values())
+    bought = {str(e["user_id"]) for e in newcomers.events if e["event_type"] == "purchase"}
+    assert not any(newcomers.truth[u] == "window_shopper" for u in bought)  # no sale
+    sale = generate(800, 16_000, seed=4, drifts=("sale",))
+    assert set(sale.drifts) == {"sale"} and ARRIVING not in set(sale.truth.values())
+    with pytest.raises(ValueError, match="flash_crash"):
+        generate(800, 16_000, seed=4, drifts=("flash_crash",))

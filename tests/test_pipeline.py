@@ -360,7 +360,7 @@ def test_a_backlog_is_handed_out_in_timestamp_order_across_partitions(
         settings, align_max_wait_ms=align_ms, purchases_wait_ms=0, max_poll_records=500
     )
     ensure_topics(settings.kafka, partitions=4)
-    shop = generate(users=300, events=12_000, seed=5, drifts=False)
+    shop = generate(users=300, events=12_000, seed=5, drifts=())
     produce(shop.events, settings)
     source = KafkaSource(
         settings.kafka, Metrics(), Backoff(0.1, 1.0, threading.Event()), dict, lambda _: None

@@ -417,7 +417,7 @@ class Bench:
         settled half way through it (`model.settle_days`, if that is sooner): a settling
         model places users without the switch margin, which is no steady state."""
         count = int(rate * self.latency_seconds)
-        shop = generate(users=max(self.users // 5, 100), events=2 * count, seed=12, drifts=False)
+        shop = generate(users=max(self.users // 5, 100), events=2 * count, seed=12, drifts=())
         warm_up, paced = shop.events[:count], shop.events[count:]
         settings = self.settings_for("latency", "l")
         settled = settle_days_within(warm_up, settings.model.settle_days)

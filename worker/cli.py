@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -45,6 +46,14 @@ EmbeddedOption = Annotated[
         help="Embedded Tansu and redis-server, or the broker and Redis of the settings.",
     ),
 ]
+
+
+class Drift(StrEnum):
+    """The drifts `evaluate` can schedule (`worker.generator.DRIFTS`)."""
+
+    sale = "sale"
+    new_persona = "new_persona"
+
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")]
 
@@ -401,12 +410,16 @@ def evaluate(
     users: Annotated[int, typer.Option(min=100, help="Users in the generated shop.")] = 20_000,
     events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = 2_000_000,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 7,
-    drifts: Annotated[
-        bool,
+    drift: Annotated[
+        list[Drift] | None,
         typer.Option(
-            "--drifts/--stationary", help="With the drift schedule (sale, new persona) or not."
+            help="A drift of the schedule, repeatable: sale, new_persona (default: both).",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
+    stationary: Annotated[
+        bool, typer.Option("--stationary", help="No drift: a stationary shop.")
+    ] = False,
     embedded: EmbeddedOption = True,
     replay: Annotated[
         bool,
@@ -442,6 +455,9 @@ def evaluate(
         raise typer.BadParameter("a cut is a way of replaying: add --replay", param_hint="--cut")
     if workers > 1 and replay:
         raise typer.BadParameter("a replay has no workers: drop --replay", param_hint="--workers")
+    if stationary and drift:
+        raise typer.BadParameter("a stationary shop has no drift", param_hint="--drift")
+    drifts = () if stationary else tuple(d.value for d in drift or Drift)
     settings = _settings(config)
     _interruptible()
     logging.getLogger("worker").setLevel(logging.WARNING)

@@ -55,7 +55,7 @@ from schemas.records import RedisKeys
 from worker.app import Worker, settled_gc
 from worker.drift import EventMix
 from worker.features import FEATURES, FeatureExtractor
-from worker.generator import Shop, event_ms, generate
+from worker.generator import DRIFTS, Shop, event_ms, generate
 from worker.learning import LearningWindows
 from worker.metrics import Metrics
 from worker.model import SegmentModel
@@ -105,7 +105,7 @@ class Evaluation:
     users: int = 20_000
     events: int = 2_000_000
     seed: int = 7
-    drifts: bool = True
+    drifts: tuple[str, ...] = DRIFTS  # the drift schedule (`generator.scenario`)
     replay: bool = False  # the model and profile code alone, without Kafka and Redis
     cut: int | None = None  # a replay cut as fetched, by this seed (`Cut`)
     workers: int = 1  # in the pipeline: a consumer group of this many, one model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -118,6 +118,7 @@ SALE_AT = 0.6  # the sale starts at this fraction of the timeline: from then on,
 SALE_WINDOW_SHOPPERS_BUY = 0.5  # shoppers buy in this share of their sessions, and
 SALE_BOOST = 1.5  # everyone else this many times as often as before
 ARRIVING = "new_visitor"  # the persona that appears mid-stream (its `joins_at`)
+DRIFTS = ("sale", "new_persona")  # the drift schedule of a default run
 
 
 @dataclass(slots=True)
@@ -130,14 +131,18 @@ class Shop:
     drifts: dict[str, int] = field(default_factory=dict)
 
 
-def scenario(drifts: bool) -> tuple[Persona, ...]:
-    """The personas of a run. With `drifts`, the drift schedule: a sale at `SALE_AT` turns
-    window shoppers into buyers and makes buyers buy more, and new visitors appear at
-    their `joins_at`.
-    Without, a stationary shop: the other personas, each behaving the same throughout
-    but for lapsing customers, each of whom stops buying at their own time."""
-    if not drifts:
-        return tuple(p for p in PERSONAS if p.name != ARRIVING)
+def scenario(drifts: Collection[str] = DRIFTS) -> tuple[Persona, ...]:
+    """The personas of a run under a drift schedule, any of `DRIFTS`: the `sale` at
+    `SALE_AT` turns window shoppers into buyers and makes buyers buy more; with
+    `new_persona`, new visitors appear at their `joins_at`.
+    Without either, a stationary shop: the other personas, each behaving the same
+    throughout but for lapsing customers, each of whom stops buying at their own time."""
+    unknown = set(drifts) - set(DRIFTS)
+    if unknown:
+        raise ValueError(f"unknown drifts {sorted(unknown)}: the schedule knows {DRIFTS}")
+    cast = PERSONAS if "new_persona" in drifts else tuple(p for p in PERSONAS if p.name != ARRIVING)
+    if "sale" not in drifts:
+        return cast
 
     def on_sale(p: Persona) -> Persona:
         if p.name == ARRIVING:
@@ -150,11 +155,12 @@ def scenario(drifts: bool) -> tuple[Persona, ...]:
             p, buy_changes_at=SALE_AT, buy_after=min(SALE_BOOST * p.buy_per_session, 1.0)
         )
 
-    return tuple(map(on_sale, PERSONAS))
+    return tuple(map(on_sale, cast))
 
 
-def generate(users: int, events: int, seed: int = 7, drifts: bool = True) -> Shop:
-    """`events` events from `users` users, sorted by event time.
+def generate(users: int, events: int, seed: int = 7, drifts: Collection[str] = DRIFTS) -> Shop:
+    """`events` events from `users` users, sorted by event time, under the drift schedule
+    `drifts` (see `scenario`; empty for a stationary shop).
 
     The timeline's length is chosen so the personas' rates produce at least `events`
     events; the stream is then cut to exactly that many.
@@ -175,11 +181,11 @@ def generate(users: int, events: int, seed: int = 7, drifts: bool = True) -> Sho
     shop = Shop(events=[event for _, _, event in timed[:events]])
     seen = {str(e["user_id"]) for e in shop.events}
     shop.truth = {f"u-{i}": p.name for i, p in enumerate(personas) if f"u-{i}" in seen}
-    if drifts:
-        arrivals = [event_ms(e) for e in shop.events if shop.truth[str(e["user_id"])] == ARRIVING]
-        shop.drifts = {"sale": START_MS + int(SALE_AT * days * DAY_MS)}
-        if arrivals:
-            shop.drifts["new_persona"] = min(arrivals)
+    if "sale" in drifts:
+        shop.drifts["sale"] = START_MS + int(SALE_AT * days * DAY_MS)
+    arrivals = [event_ms(e) for e in shop.events if shop.truth[str(e["user_id"])] == ARRIVING]
+    if arrivals:
+        shop.drifts["new_persona"] = min(arrivals)
     return shop
 
 
