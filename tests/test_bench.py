@@ -21,7 +21,8 @@ from worker.bench import Sample, histogram_quantile, settle_days_within, sustain
 from worker.profiles import DAY_MS
 from worker.source import kafka_client_config
 
-BENCH = [sys.executable, "-m", "worker", "bench"]
+CLI = [sys.executable, "-m", "worker"]
+BENCH = [*CLI, "bench"]
 
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:
@@ -124,26 +125,35 @@ def test_bench_on_given_servers_leaves_them_as_it_found_them(
 
 
 @pytest.mark.integration
-def test_a_bench_interrupted_mid_stage_still_cleans_up(
-    settings: Settings, redis_client: redis.Redis
+@pytest.mark.parametrize(
+    ("command", "writes"),
+    [
+        ([*BENCH, "--events", "20000", "--users", "2000"], "bench*:profile:*"),
+        ([*CLI, "evaluate", "--users", "1000", "--events", "60000"], "eval-*:profile:*"),
+    ],
+    ids=["bench", "evaluate"],
+)
+def test_a_run_interrupted_mid_stage_still_cleans_up(
+    settings: Settings, redis_client: redis.Redis, command: list[str], writes: str
 ) -> None:
-    """Stopped while the first worker writes (SIGTERM; Ctrl-C takes the same path): its
-    worker stops, then the run's keys and topics go, as at a normal end."""
+    """Stopped while its first worker writes (SIGTERM; Ctrl-C takes the same path): a
+    `--given` bench or evaluation stops its workers, then its keys and topics go, as at
+    a normal end."""
     admin = KafkaAdminClient(**kafka_client_config(settings.kafka))
     topics_before = set(admin.list_topics())
-    bench = subprocess.Popen(
-        [*BENCH, "--given", "--events", "20000", "--users", "2000"],
+    run = subprocess.Popen(
+        [*command, "--given"],
         env=worker_env(settings),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: redis_client.keys("bench*:profile:*"), 120, "the worker's first writes")
-        bench.send_signal(signal.SIGTERM)  # to the bench alone: its worker stops by its hand
-        _, stderr = bench.communicate(timeout=120)
+        wait_for(lambda: redis_client.keys(writes), 120, "the worker's first writes")
+        run.send_signal(signal.SIGTERM)  # to the run alone: its workers stop by its hand
+        _, stderr = run.communicate(timeout=120)
     finally:
-        bench.kill()
-    assert bench.returncode != 0, "the bench was interrupted"
+        run.kill()
+    assert run.returncode != 0, "the run was interrupted"
     assert redis_client.keys("*") == [], stderr.decode()[-2000:]
     assert set(admin.list_topics()) == topics_before
     admin.close()
