@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import threading
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -21,6 +20,7 @@ from rich.table import Table
 
 from config.settings import Settings, SettingsError, load_settings
 from schemas.reader import SegmentReader
+from worker.generator import DRIFTS, Drift
 from worker.metrics import Metrics
 
 app = typer.Typer(
@@ -46,13 +46,6 @@ EmbeddedOption = Annotated[
         help="Embedded Tansu and redis-server, or the broker and Redis of the settings.",
     ),
 ]
-
-
-class Drift(StrEnum):
-    """The drifts `evaluate` can schedule (`worker.generator.DRIFTS`)."""
-
-    sale = "sale"
-    new_persona = "new_persona"
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")]
@@ -457,7 +450,7 @@ def evaluate(
         raise typer.BadParameter("a replay has no workers: drop --replay", param_hint="--workers")
     if stationary and drift:
         raise typer.BadParameter("a stationary shop has no drift", param_hint="--drift")
-    drifts = () if stationary else tuple(d.value for d in drift or Drift)
+    drifts = () if stationary else tuple(drift or DRIFTS)
     settings = _settings(config)
     _interruptible()
     logging.getLogger("worker").setLevel(logging.WARNING)

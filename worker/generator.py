@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from schemas.events import CLICK_TYPES
 
@@ -118,7 +119,16 @@ SALE_AT = 0.6  # the sale starts at this fraction of the timeline: from then on,
 SALE_WINDOW_SHOPPERS_BUY = 0.5  # shoppers buy in this share of their sessions, and
 SALE_BOOST = 1.5  # everyone else this many times as often as before
 ARRIVING = "new_visitor"  # the persona that appears mid-stream (its `joins_at`)
-DRIFTS = ("sale", "new_persona")  # the drift schedule of a default run
+
+
+class Drift(StrEnum):
+    """A drift the schedule can hold (`scenario`)."""
+
+    sale = "sale"
+    new_persona = "new_persona"
+
+
+DRIFTS: tuple[str, ...] = tuple(Drift)  # the drift schedule of a default run
 
 
 @dataclass(slots=True)
@@ -183,9 +193,10 @@ def generate(users: int, events: int, seed: int = 7, drifts: Collection[str] = D
     shop.truth = {f"u-{i}": p.name for i, p in enumerate(personas) if f"u-{i}" in seen}
     if "sale" in drifts:
         shop.drifts["sale"] = START_MS + int(SALE_AT * days * DAY_MS)
-    arrivals = [event_ms(e) for e in shop.events if shop.truth[str(e["user_id"])] == ARRIVING]
-    if arrivals:
-        shop.drifts["new_persona"] = min(arrivals)
+    if "new_persona" in drifts:
+        arrivals = [event_ms(e) for e in shop.events if shop.truth[str(e["user_id"])] == ARRIVING]
+        if arrivals:
+            shop.drifts["new_persona"] = min(arrivals)
     return shop
 
 
