@@ -18,7 +18,7 @@ from schemas import EVENT_ADAPTER
 from worker.drift import Detectors, EventMix, ShareShift, psi
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
-from worker.model import SegmentModel, describe, keeps_meaning, match
+from worker.model import CHECKPOINT_FORMAT, SegmentModel, describe, keeps_meaning, match, rows
 from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 
 SETTINGS = ModelSettings(n_clusters=6, warmup_users=200, seed=1)
@@ -248,6 +248,66 @@ def test_refits_refine_the_partition_instead_of_redrawing_it() -> None:
             model.learn_one(f"r{refit}-{i}", x, 1000 * (refit + 1) + i)
         model.adapt(1000 * (refit + 1) + 999, grow=False)
         assert segments_of(model, ids) == ids, f"refit {refit} moved a group"
+
+
+def on_plane(x: float, y: float) -> dict[str, float]:
+    """A profile on the plane of the first two features (the others 0)."""
+    return dict.fromkeys(FEATURES, 0.0) | {FEATURES[0]: x, FEATURES[1]: y}
+
+
+def test_a_refit_hands_each_id_the_centre_refined_from_its_anchor() -> None:
+    """Lloyd's iterations start each centre at its id's anchor and move it to the data its
+    id holds; pairing the results with the anchors by distance afterwards crosses ids over
+    when a centre travels farther than the gap between anchors. (The sale-alone replay of
+    seed 7, cut 1, swapped the lapsing customers' and the big spenders' ids that way, and
+    2,772 users moved.) Here the id anchored at (1, -2) holds most of the group at
+    (2.5, 3) and the one at (3, -3) almost nothing: refined, the first centre goes to
+    (2.5, 3) and the second to the group at (0.5, -2), moving under 100 of 400 users;
+    paired by distance, they would swap ids and move over 200."""
+    rng = random.Random(0)
+    groups = {
+        (0.5, -2.0): (1.0, 0.6, 100),
+        (-2.0, 3.0): (0.3, 1.0, 100),
+        (2.5, 3.0): (0.6, 0.3, 200),
+    }
+    points = [
+        on_plane(x + rng.gauss(0, sx), y + rng.gauss(0, sy))
+        for (x, y), (sx, sy, n) in groups.items()
+        for _ in range(n)
+    ]
+    anchors = {str(i): on_plane(x, y) for i, (x, y) in enumerate([(3, -3), (1, -2), (-2, -1)])}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "features": list(FEATURES),
+        "version": 1,
+        "revision": 1,
+        "next_id": 4,
+        "scaler": {
+            name: dict.fromkeys(FEATURES, v)
+            for name, v in [("counts", 400), ("means", 0.0), ("vars", 1.0)]
+        },
+        "centers": anchors,
+        "segments": {i: {"id": f"s{int(i) + 1}", "created_at": 0} for i in anchors},
+        "anchors": anchors,
+        "reference": rows(points),
+        "reservoir": rows(points),
+        "adapt_in": None,
+        "looks": 0,
+        "seeded_at": 0,
+        "psi": 0.0,
+    }
+    settings = ModelSettings(n_clusters=3, warmup_users=400, reservoir_size=400, settle_days=0)
+    model = SegmentModel.from_state(settings, state)
+    before = [a.segment for a in model.assign_many(points)]
+    assert model.adapt(DAY_MS, grow=False)  # a periodic refit: Lloyd's from the anchors
+    after = [a.segment for a in model.assign_many(points)]
+    assert {xy: model.assign(on_plane(*xy)).segment for xy in groups} == {
+        (0.5, -2.0): "s1",
+        (2.5, 3.0): "s2",
+        (-2.0, 3.0): "s3",
+    }
+    moved = sum(b != a for b, a in zip(before, after, strict=True))
+    assert moved <= 100  # at most the users of the group at (0.5, -2)
 
 
 def test_a_refit_redraws_centres_stuck_in_a_poor_optimum_while_the_shop_settles() -> None:

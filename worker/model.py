@@ -44,11 +44,14 @@ The model of record is River: a `StandardScaler` learns the population online an
   most of its profiles are not in segments adaptation added less than `settle_days`
   ago (a young group keeps maturing away from where it was first seen). A drift's
   refit that adds none is followed by `growth_looks` looks for such a group, which
-  refit only when two in a row find it (a new kind of shopper arrives over hours). New
-  centres take the old ids by a minimum-total-distance matching (Hungarian, not
-  nearest-first) against each id's anchor, its centre at the last refit (River's
-  centres wander as they learn, and one dragged toward a new group must not hand its id
-  to that group); the emerging group's centre gets a new id, and an id left without a
+  refit only when two in a row find it (a new kind of shopper arrives over hours).
+  Refined centres keep the ids of the anchors their iterations started from, and the
+  emerging group's centre gets a new id: paired with the anchors by distance after the
+  fact, a centre that travelled farther than the gap between two anchors would cross
+  ids over, and its users would move. A redraw's centres take the old ids by a
+  minimum-total-distance matching (Hungarian, not nearest-first) against each id's
+  anchor, its centre at the last refit (River's centres wander as they learn, and one
+  dragged toward a new group must not hand its id to that group). An id left without a
   match is retired, never reused.
 * Membership. `assign_many` keeps a user in their current segment unless another centre
   is closer by more than `switch_margin` (relative), so boundary users do not flap. Not
@@ -370,6 +373,9 @@ class SegmentModel:
                 return False
         start = [*survivors.values(), *([emerging] if emerging is not None else [])]
         fit = self._refine(points, np.array(start))
+        # Lloyd's from each id's anchor: the n-th centre is the n-th survivor's, moved to
+        # its data, and an emerging group's is last.
+        pairs = dict(enumerate(survivors))
         # A drift's refit, or a cold start's profiles maturing, may redraw; not a refit
         # that adds a group: a redraw there may split an old group instead, and the
         # matching would hand the new id to that split.
@@ -377,12 +383,12 @@ class SegmentModel:
             redrawn = self._fit(points, len(start))
             better = redrawn.inertia_ < (1 - self._settings.redraw_gain) * fit.inertia_
             if better and (not settled or keeps_meaning(survivors, redrawn.cluster_centers_)):
-                fit = redrawn
+                fit, pairs = redrawn, matched(survivors, redrawn.cluster_centers_)
         follow_up = can_grow and emerging is None and not looking
         self.version += 1
         if not follow_up:  # else the looks compare against the reservoir before the drift
             self.reference = list(self.reservoir.values())
-        kept = self._bind(survivors, fit.cluster_centers_, event_ts)
+        kept = self._bind(pairs, fit.cluster_centers_, event_ts)
         for index, segment in previous.items():
             if index in kept:
                 continue
@@ -480,13 +486,10 @@ class SegmentModel:
             return None
         return centre
 
-    def _bind(self, old: dict[int, np.ndarray], centres: np.ndarray, event_ts: int) -> set[int]:
-        """Install `centres` as River's. Each takes the id of the `old` centre the
-        minimum-total-distance matching pairs it with; one left over (an emerging
+    def _bind(self, pairs: dict[int, int], centres: np.ndarray, event_ts: int) -> set[int]:
+        """Install `centres` as River's. Each row of `centres` in `pairs` keeps the id of
+        the segment it is paired with (row -> old index); one left over (an emerging
         group's) gets a new id. Returns the old indices kept."""
-        indices = list(old)
-        rows = match(np.array([old[i] for i in indices]), centres) if indices else {}
-        pairs = {row: indices[o] for row, o in rows.items()}  # row of `centres` -> old index
         previous, self.segments, self.kmeans.centers, self.anchors = self.segments, {}, {}, {}
         fresh = max(previous, default=-1) + 1
         for row, centre in enumerate(centres):
@@ -639,6 +642,12 @@ def match(old: np.ndarray, new: np.ndarray) -> dict[int, int]:
     distance (Hungarian); with more new centres than old, the extra ones stay unpaired."""
     rows, cols = linear_sum_assignment(pairwise(old, new))
     return {int(c): int(r) for r, c in zip(rows, cols, strict=True)}
+
+
+def matched(old: dict[int, np.ndarray], centres: np.ndarray) -> dict[int, int]:
+    """{row of `centres`: index of the `old` centre the matching pairs it with}."""
+    indices = list(old)
+    return {row: indices[o] for row, o in match(np.array(list(old.values())), centres).items()}
 
 
 def keeps_meaning(old: dict[int, np.ndarray], centres: np.ndarray) -> bool:
