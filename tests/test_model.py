@@ -260,7 +260,7 @@ def test_a_refit_hands_each_id_the_centre_refined_from_its_anchor() -> None:
     id holds; pairing the results with the anchors by distance afterwards crosses ids over
     when a centre travels farther than the gap between anchors. (The sale-alone replay of
     seed 7, cut 1, swapped the lapsing customers' and the big spenders' ids that way, and
-    2,772 users moved.) Here the id anchored at (1, -2) holds most of the group at
+    2,772 moves came under that version.) Here the id anchored at (1, -2) holds most of the group at
     (2.5, 3) and the one at (3, -3) almost nothing: refined, the first centre goes to
     (2.5, 3) and the second to the group at (0.5, -2), moving under 100 of 400 users;
     paired by distance, they would swap ids and move over 200."""
