@@ -15,9 +15,21 @@ import redis
 from kafka import KafkaAdminClient
 
 from config.settings import ModelSettings, Settings
-from worker.evaluate import LEAD, PARTITIONS, Cut, Evaluation, rows, stability
+from schemas import EVENT_ADAPTER
+from worker.evaluate import (
+    LEAD,
+    PARTITIONS,
+    Cut,
+    Evaluation,
+    Looks,
+    Snapshot,
+    meaning,
+    rows,
+    stability,
+)
+from worker.features import FEATURES, FeatureExtractor
 from worker.generator import Shop, generate
-from worker.profiles import DAY_MS
+from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 from worker.source import kafka_client_config
 
 
@@ -60,7 +72,16 @@ def test_evaluate_scores_segments_stability_and_drift_response(
     assert recovery["added"] == {
         i: ends[i] for i in ends if i not in recovery["nearest_persona"]["onset"]
     }
+    # the ids' meaning over the stationary part: looked at when the model settled (the
+    # shop waited for the worker there), weekly after and at the sale's onset
+    meaning = figures["meaning"]
+    assert meaning is not None and meaning["looks_days"][0] == 0.0, meaning
+    assert len(meaning["looks_days"]) >= 2 and meaning["ids_compared"] >= 5
     table = dict((figure, measured) for figure, measured, _ in rows(figures))
+    stationary = next(k for k in table if k.startswith("ids nearest the same persona, stationary"))
+    assert table[stationary].startswith(
+        f"{meaning['ids_compared'] - len(meaning['changed_meaning'])}/{meaning['ids_compared']}"
+    )
     assert table["ARI streaming vs personas"] == str(quality["ari_streaming"])
     assert table["ARI 10,000 events after the new persona"].startswith(f"{recovery['ari']} (")
     kept = recovery["ids_compared"] - len(recovery["changed_meaning"])
@@ -89,6 +110,7 @@ def test_replay_is_deterministic_and_answers_the_drift_schedule() -> None:
     recovery = figures["recovery"]
     assert recovery["events_after_onset"] == 10_000 and recovery["ids_compared"] >= 5
     assert any(s["persona"] == "new_visitor" for s in figures["segments"].values())
+    assert figures["meaning"] is not None and figures["meaning"]["ids_compared"] >= 5
 
 
 def test_the_new_persona_alone_gets_a_segment_of_its_own_and_moves_no_id() -> None:
@@ -179,3 +201,51 @@ def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
     assert figures["by_persona"] == {"lapsing": 2 / 1 / 20, "loyal": round(1 / 3 / 20, 5)}
     # weeks of the part: days 20-27, 27-34 and 34-40
     assert figures["by_week"] == [round(1 / 4 / 7, 5), round(2 / 4 / 7, 5), 0.0]
+
+
+def test_looks_at_meaning_fall_when_the_model_settles_then_weekly_to_the_first_drift() -> None:
+    """None before the model is seeded or settled; the first once the stream passes the
+    settling time, then every week of event time, the last at the drift's onset."""
+    looks = Looks(end=30 * DAY_MS)
+    assert looks.due(5 * DAY_MS, None) is None  # not seeded yet
+    assert looks.due(9 * DAY_MS, settled_at=10 * DAY_MS) is None
+    taken = []
+    for hour in range(9 * 24, 40 * 24):
+        if (at := looks.due(hour * 3_600_000, settled_at=10 * DAY_MS)) is not None:
+            looks.taken.append((at, Snapshot({}, {}, {})))
+            taken.append(at // DAY_MS)
+    assert taken == [10, 17, 24, 30]
+    assert Looks(end=30 * DAY_MS).due(35 * DAY_MS, settled_at=31 * DAY_MS) is None
+
+
+def test_meaning_names_an_id_whose_centre_moved_to_another_persona() -> None:
+    """Over the stationary part an id means the persona its centre is nearest: s1 sits on
+    the bargain hunters' mean profile, then on the big spenders' a week later."""
+    settings = Settings()
+    shop = generate(users=600, events=30_000, seed=3, drifts=())
+    updater, profiles = ProfileUpdater(settings.profile), {}
+    for offset, raw in enumerate(shop.events):
+        event = EVENT_ADAPTER.validate_python(raw)
+        profile = profiles.setdefault(event.user_id, Profile(event.user_id))
+        updater.apply(profile, event, Position("clicks", 0, offset))
+    extract = FeatureExtractor(settings.profile)
+
+    def centre(persona: str) -> dict[str, float]:
+        rows = [extract(p) for u, p in profiles.items() if shop.truth[u] == persona]
+        return {name: sum(row[name] for row in rows) / len(rows) for name in FEATURES}
+
+    def look(day: int, s1: str) -> tuple[int, Snapshot]:
+        centroids = {"s1": centre(s1), "s2": centre("window_shopper")}
+        return day * DAY_MS, Snapshot({u: "s1" for u in profiles}, profiles, centroids)
+
+    kept = meaning(settings, shop.truth, [look(10, "bargain_hunter"), look(17, "bargain_hunter")])
+    assert kept is not None and kept["changed_meaning"] == {} and kept["ids_compared"] == 2
+    moved = meaning(
+        settings,
+        shop.truth,
+        [look(10, "bargain_hunter"), look(17, "loyal_big_spender"), look(24, "bargain_hunter")],
+    )
+    assert moved is not None
+    assert moved["nearest_persona"] == {"s1": "bargain_hunter", "s2": "window_shopper"}
+    assert moved["changed_meaning"] == {"s1": "bargain_hunter -> loyal_big_spender (7.0 days)"}
+    assert moved["looks_days"] == [0.0, 7.0, 14.0]

@@ -20,7 +20,11 @@ services would see: the segments stored in Redis, the `segment-changes` and
   (the shop waits for the worker at those two moments and the evaluation reads Redis),
   ARI of the stored segments and of batch k-means on the same profiles, and whether each
   id's centroid stayed nearest to the same persona (persona centres: their members' mean
-  profile at that moment), from the onset to then and to the end.
+  profile at that moment), from the onset to then and to the end;
+* meaning: the same look at each id's nearest persona over the stationary part, when the
+  model settles, every week after and at the first drift's onset (the shop waits for the
+  worker at each look as at the marks): an id nearest another persona later has changed
+  meaning where nothing drifted.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import uuid
 import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
@@ -86,9 +90,32 @@ class Snapshot:
 
 
 @dataclass
+class Looks:
+    """When to look at what each id means over the stationary part: once the stream
+    passes the model's settling time, every `WEEK_DAYS` after, and at `end`, the first
+    drift's onset. The model settles at a time known only once it is seeded, so the
+    looks are due by event time as the stream goes, not planned as the marks are."""
+
+    end: int
+    taken: list[tuple[int, Snapshot]] = field(default_factory=list)
+
+    def due(self, event_ts: int, settled_at: float | None) -> int | None:
+        """The event time of a look due before an event at `event_ts`, if one is."""
+        if settled_at is None or settled_at >= self.end:
+            return None
+        if not self.taken:
+            at = int(settled_at)
+        elif (last := self.taken[-1][0]) < self.end:
+            at = min(last + WEEK_MS, self.end)
+        else:
+            return None
+        return at if event_ts >= at else None
+
+
+@dataclass
 class Outcome:
-    """What a run left for scoring: Redis at the marks and at the end, the
-    `segment-lifecycle` and `segment-changes` messages, the events applied, and the
+    """What a run left for scoring: Redis at the marks, at the looks and at the end,
+    the `segment-lifecycle` and `segment-changes` messages, the events applied, and the
     moves of the sweep that placed everyone afresh when the model settled."""
 
     snapshots: list[Snapshot]
@@ -97,6 +124,7 @@ class Outcome:
     changes: list[dict[str, Any]]
     applied: int
     settled_moves: int
+    looks: list[tuple[int, Snapshot]]
 
 
 @dataclass
@@ -118,12 +146,13 @@ class Evaluation:
         onset = shop.drifts.get("new_persona")
         first = int(np.searchsorted(times, onset)) if onset is not None else len(times)
         marks = [at for at in (first, first + RECOVERY_EVENTS) if at < len(times)]
+        looks = Looks(end=min(shop.drifts.values(), default=int(times[-1])))
         with settled_gc():  # the worker or the replay runs here: freeze the shop's events too
             if self.replay:
-                outcome = replay(settings, shop, marks, Cut(self.cut))
+                outcome = replay(settings, shop, marks, looks, Cut(self.cut))
             else:
                 try:
-                    outcome = self._pipeline(settings, shop, marks)
+                    outcome = self._pipeline(settings, shop, marks, looks)
                 finally:
                     _forget(settings)
         return {
@@ -142,6 +171,7 @@ class Evaluation:
             )
             | {"moves_when_settled": outcome.settled_moves},
             "recovery": recovery(settings, shop.truth, outcome.snapshots, outcome.end),
+            "meaning": meaning(settings, shop.truth, outcome.looks),
             "drift": drift_response(shop, times, outcome.lifecycle, settings.model.settle_days),
             "segments": composition(shop.truth, outcome.end.segments),
         }
@@ -152,10 +182,10 @@ class Evaluation:
             return "pipeline"
         return "replay" if self.cut is None else f"replay cut as fetched (seed {self.cut})"
 
-    def _pipeline(self, settings: Settings, shop: Shop, marks: list[int]) -> Outcome:
+    def _pipeline(self, settings: Settings, shop: Shop, marks: list[int], looks: Looks) -> Outcome:
         """Through the real pipeline: produced to the broker while in-process workers (a
         consumer group sharing one model, as deployed) segment it into Redis; Redis read
-        at the marks and at the end."""
+        at the marks, at the looks and at the end."""
         snapshots: list[Snapshot] = []
         # As a live shop sends them: while the workers run, at most LEAD events ahead of
         # them, on one topic. (Pre-produced over two topics and several partitions, they
@@ -174,12 +204,21 @@ class Evaluation:
         def behind(events: int) -> bool:
             return applied() < events and all(thread.is_alive() for thread in running)
 
+        def settled_at() -> float | None:
+            ready = [worker.model for worker in workers if worker.model.ready]
+            return ready[0].settled_at if ready else None
+
         def live() -> Iterator[dict[str, object]]:
             for sent, event in enumerate(shop.events):
-                if sent in marks:  # let the worker apply everything before, then look
+                look = looks.due(event_ms(event), settled_at())
+                if sent in marks or look is not None:  # the worker applies all before
                     while behind(sent):
                         stop.wait(0.05)
-                    snapshots.append(self._snapshot(settings))
+                    snapshot = self._snapshot(settings)
+                    if sent in marks:
+                        snapshots.append(snapshot)
+                    if look is not None:
+                        looks.taken.append((look, snapshot))
                 while behind(sent - LEAD):
                     stop.wait(0.05)
                 yield event
@@ -210,6 +249,7 @@ class Evaluation:
             read_all(settings, settings.kafka.changes_topic),
             applied(),
             int(sum(moves or 0 for moves in settled)),
+            looks.taken,
         )
 
     def _own_topics(self) -> Settings:
@@ -331,7 +371,9 @@ def _take(queue: deque[int], below: int) -> list[int]:
     return taken
 
 
-def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -> Outcome:
+def replay(
+    settings: Settings, shop: Shop, marks: list[int], looks: Looks, cut: Cut = Cut()
+) -> Outcome:
     """The shop through the profile and model code alone, cut into batches by `cut`: no
     broker, no Redis, no worker. Deterministic and several times faster than the
     pipeline, for trying model changes; the figures that count are the pipeline's (it
@@ -391,6 +433,9 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
         while waiting and read >= waiting[0]:
             snapshots.append(snapshot())
             waiting.pop(0)
+        first_ts = min(event_ms(shop.events[offset]) for offset in batch)
+        if (look := looks.due(first_ts, model.settled_at if model.ready else None)) is not None:
+            looks.taken.append((look, snapshot()))
         touched: dict[str, Profile] = {}
         folded = []
         for offset in batch:
@@ -422,7 +467,9 @@ def replay(settings: Settings, shop: Shop, marks: list[int], cut: Cut = Cut()) -
         place(list(dict.fromkeys([*touched, *stranded, *pending])))
         pending.clear()
     lifecycle = [m.model_dump() for m in model.lifecycle]
-    return Outcome(snapshots, snapshot(), lifecycle, changes, len(shop.events), settled_moves or 0)
+    return Outcome(
+        snapshots, snapshot(), lifecycle, changes, len(shop.events), settled_moves or 0, looks.taken
+    )
 
 
 def quality(
@@ -503,6 +550,29 @@ def recovery(
         "changed_meaning_by_end": _changed(then, last),
         # which persona the ids made since the onset stand for: is one the new persona's?
         "added": {i: last[i] for i in sorted(last.keys() - then.keys(), key=_id_order)},
+    }
+
+
+def meaning(
+    settings: Settings, truth: dict[str, str], looks: list[tuple[int, Snapshot]]
+) -> dict[str, Any] | None:
+    """Whether each id kept its meaning over the stationary part, where nothing
+    drifted: its nearest persona at every look against the first (when the model
+    settled). A refit that hands an id another group's centre shows here as a change,
+    with the days after settling of the first look that saw it."""
+    if len(looks) < 2:
+        return None
+    (settled, first), *later = looks
+    then = nearest_personas(settings, truth, first)
+    changed: dict[str, str] = {}
+    for at, snapshot in later:
+        for id_, change in _changed(then, nearest_personas(settings, truth, snapshot)).items():
+            changed.setdefault(id_, f"{change} ({(at - settled) / DAY_MS:.1f} days)")
+    return {
+        "looks_days": [round((at - settled) / DAY_MS, 1) for at, _ in looks],
+        "nearest_persona": then,
+        "ids_compared": len(then.keys() & {i for _, s in later for i in s.centroids}),
+        "changed_meaning": dict(sorted(changed.items(), key=lambda item: _id_order(item[0]))),
     }
 
 
@@ -736,6 +806,13 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("moves when the model settled (everyone placed afresh)", f"{s['moves_when_settled']}", ""),
         ("false alarms per 100k stationary events", f"{d['false_alarms_per_100k']}", "≤ 1"),
     ]
+    if m := figures["meaning"]:
+        moved = ", ".join(f"{i}: {change}" for i, change in m["changed_meaning"].items())
+        days = ", ".join(map(str, m["looks_days"]))
+        kept = f"{m['ids_compared'] - len(m['changed_meaning'])}/{m['ids_compared']} {moved}"
+        table.append(
+            (f"ids nearest the same persona, stationary (days {days})", kept.strip(), "all")
+        )
     if r := figures["recovery"]:
         after = f"{r['events_after_onset']:,} events after the new persona"
         table.append(("ARI at the new persona's onset", f"{r['ari_at_onset']}", ""))
