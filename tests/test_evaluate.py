@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import redis
 from kafka import KafkaAdminClient
@@ -206,16 +207,17 @@ def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
 def test_looks_at_meaning_fall_when_the_model_settles_then_weekly_to_the_first_drift() -> None:
     """None before the model is seeded or settled; the first once the stream passes the
     settling time, then every week of event time, the last at the drift's onset."""
-    looks = Looks(end=30 * DAY_MS)
-    assert looks.due(5 * DAY_MS, None) is None  # not seeded yet
-    assert looks.due(9 * DAY_MS, settled_at=10 * DAY_MS) is None
+    hourly = np.arange(40 * 24) * 3_600_000  # an event an hour for 40 days
+    looks = Looks(hourly, end=30 * DAY_MS)
+    assert looks.due(5 * 24, None) is None  # not seeded yet
+    assert looks.due(9 * 24, settled_at=10 * DAY_MS) is None
     taken = []
-    for hour in range(9 * 24, 40 * 24):
-        if (at := looks.due(hour * 3_600_000, settled_at=10 * DAY_MS)) is not None:
+    for offset in range(9 * 24, 40 * 24):
+        if (at := looks.due(offset, settled_at=10 * DAY_MS)) is not None:
             looks.taken.append((at, Snapshot({}, {}, {})))
             taken.append(at // DAY_MS)
     assert taken == [10, 17, 24, 30]
-    assert Looks(end=30 * DAY_MS).due(35 * DAY_MS, settled_at=31 * DAY_MS) is None
+    assert Looks(hourly, end=30 * DAY_MS).due(35 * 24, settled_at=31 * DAY_MS) is None
 
 
 def test_meaning_names_an_id_whose_centre_moved_to_another_persona() -> None:

@@ -96,11 +96,12 @@ class Looks:
     drift's onset. The model settles at a time known only once it is seeded, so the
     looks are due by event time as the stream goes, not planned as the marks are."""
 
+    times: np.ndarray  # the shop's event times, in its (event-time) order
     end: int
     taken: list[tuple[int, Snapshot]] = field(default_factory=list)
 
-    def due(self, event_ts: int, settled_at: float | None) -> int | None:
-        """The event time of a look due before an event at `event_ts`, if one is."""
+    def due(self, offset: int, settled_at: float | None) -> int | None:
+        """The event time of a look due before the shop's event at `offset`, if one is."""
         if settled_at is None or settled_at >= self.end:
             return None
         if not self.taken:
@@ -109,7 +110,7 @@ class Looks:
             at = min(last + WEEK_MS, self.end)
         else:
             return None
-        return at if event_ts >= at else None
+        return at if self.times[offset] >= at else None
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Evaluation:
         onset = shop.drifts.get("new_persona")
         first = int(np.searchsorted(times, onset)) if onset is not None else len(times)
         marks = [at for at in (first, first + RECOVERY_EVENTS) if at < len(times)]
-        looks = Looks(end=min(shop.drifts.values(), default=int(times[-1])))
+        looks = Looks(times, end=min(shop.drifts.values(), default=int(times[-1])))
         with settled_gc():  # the worker or the replay runs here: freeze the shop's events too
             if self.replay:
                 outcome = replay(settings, shop, marks, looks, Cut(self.cut))
@@ -210,7 +211,7 @@ class Evaluation:
 
         def live() -> Iterator[dict[str, object]]:
             for sent, event in enumerate(shop.events):
-                look = looks.due(event_ms(event), settled_at())
+                look = looks.due(sent, settled_at())
                 if sent in marks or look is not None:  # the worker applies all before
                     while behind(sent):
                         stop.wait(0.05)
@@ -433,8 +434,8 @@ def replay(
         while waiting and read >= waiting[0]:
             snapshots.append(snapshot())
             waiting.pop(0)
-        first_ts = min(event_ms(shop.events[offset]) for offset in batch)
-        if (look := looks.due(first_ts, model.settled_at if model.ready else None)) is not None:
+        # the batch's earliest event (a cut batch is not in event-time order)
+        if (look := looks.due(min(batch), model.settled_at if model.ready else None)) is not None:
             looks.taken.append((look, snapshot()))
         touched: dict[str, Profile] = {}
         folded = []
