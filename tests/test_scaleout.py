@@ -20,10 +20,10 @@ from schemas.events import ClickEvent, PurchaseEvent
 from schemas.records import RedisKeys
 from worker.coordination import ModelCoordinator
 from worker.features import FEATURES, FeatureExtractor
-from worker.generator import generate
+from worker.generator import event_ms, generate
 from worker.metrics import Metrics
 from worker.model import SegmentModel
-from worker.profiles import Profile
+from worker.profiles import HOUR_MS, Profile
 from worker.replay import produce
 from worker.retry import Backoff
 from worker.sink import RedisStore
@@ -206,6 +206,33 @@ def test_a_follower_adopts_a_new_publication_with_its_next_write(
     wait_for(lambda: applied(redis_client, "seg") == 2000, timeout=120, what="the second half")
     # adopted after the write that found it (600 s before the worker's own sync)
     wait_for(lambda: follower.worker.model.revision == 2, timeout=20, what="revision 2 adopted")
+
+
+def test_the_trainer_publishes_as_it_learns_event_time_not_only_by_the_clock(
+    settings: Settings, redis_client: redis.Redis, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    """A backlog read at full speed covers days of event time within one checkpoint
+    interval; the trainer also publishes every `publish_every_hours` of event time it
+    learns, so no worker assigns with a model days behind the trained one. With the
+    segments kept as seeded (no refit publishes) and a 600 s interval, each publication
+    after the first is one of those."""
+    model = settings.model.model_copy(
+        update={"checkpoint_interval_s": 600.0, "publish_every_hours": 12.0, "adaptation": False}
+    )
+    kafka = settings.kafka.model_copy(update={"max_poll_records": 100})  # about 5 h a poll
+    backlog = settings.model_copy(update={"model": model, "kafka": kafka})
+    ensure_topics(backlog.kafka, partitions=2)
+    shop = generate(users=300, events=6000, seed=74)
+    produce(shop.events, backlog)
+    running = start_worker(backlog)
+    wait_for(lambda: applied(redis_client, "seg") == 6000, timeout=120, what="the backlog")
+    trainer = running.worker.coordinator.trainer
+    assert trainer is not None
+    times = [event_ms(event) for event in shop.events]
+    half_days = (times[-1] - times[0]) / HOUR_MS / 12
+    # seeded after the first users' windows closed: about one a half-day from then on
+    wait_for(lambda: running.worker.model.revision >= half_days / 2, timeout=20, what="adopted")
+    assert trainer.revision <= half_days + 2, (trainer.revision, half_days)
 
 
 def test_the_trainer_merges_each_workers_profiles_by_event_time(

@@ -37,7 +37,7 @@ from worker.health import HealthServer
 from worker.learning import LearningWindows
 from worker.metrics import Metrics
 from worker.model import Assignment, SegmentModel
-from worker.profiles import Profile, ProfileCache, ProfileUpdater
+from worker.profiles import HOUR_MS, Profile, ProfileCache, ProfileUpdater
 from worker.retry import Backoff, Stopped
 from worker.sink import (
     BatchWrite,
@@ -167,6 +167,8 @@ class Worker:
             metrics, self.why_not_ready, settings.metrics.host, settings.metrics.port
         )
         self._last_sync = time.monotonic()
+        # event time the trainer has learned up to, and had when it last published
+        self._learned_to = self._published_to = 0
         self._sync_now = False  # the trainer's model changed: publish it now
         self._adopt_now = False  # a write found a newer publication: adopt it now
         self._described = (0, 0)  # the model (version, revision) whose segments Redis describes
@@ -250,11 +252,20 @@ class Worker:
             self._sweep_chunk(self._sweep)
 
     def _sync_due(self) -> bool:
-        """Every checkpoint interval; every second while waiting for a first model."""
-        interval = self.settings.model.checkpoint_interval_s
+        """Every checkpoint interval; every second while waiting for a first model; and
+        when the trainer has learned `publish_every_hours` of event time past its last
+        publication. A worker catching up on a backlog (or a backfill, or the evaluation)
+        reads days of event time in one interval, and every worker would assign with a
+        model that many days behind the trained one (README, *Each drift alone*)."""
+        settings = self.settings.model
+        interval = settings.checkpoint_interval_s
         if not self.model.ready:
             interval = min(interval, 1.0)
-        return time.monotonic() - self._last_sync >= interval
+        learned = self._learned_to - self._published_to
+        return (
+            time.monotonic() - self._last_sync >= interval
+            or learned >= settings.publish_every_hours * HOUR_MS
+        )
 
     def sync(self, publish: bool = True) -> None:
         """Share the model through Redis (see coordination.py) and write what that settles:
@@ -271,6 +282,7 @@ class Worker:
     def _sync(self, batch: BatchWrite, publish: bool = True) -> None:
         if publish:
             self._last_sync, self._sync_now = time.monotonic(), False
+            self._published_to = self._learned_to
         self._adopt_now = False
         before = {seg.id for seg in self.model.segments.values()}
         if self.coordinator.sync(publish):
@@ -541,6 +553,7 @@ class Worker:
         learning is spread over batches; an idle worker learns whatever waits. A worker
         that does not train hands them to the one that does (`coordination.py`)."""
         for event_ts, learned in self.coordinator.learn(self.learning.take(budget)):
+            self._learned_to = max(self._learned_to, event_ts)
             if learned.seeded or learned.adapted:
                 self._sync_now = True  # publish the new segments now, not at the next interval
             for detector in learned.drifts:

@@ -30,7 +30,8 @@ import orjson
 from config.settings import ProfileSettings
 from schemas.events import CLICK_TYPES, ClickEvent, PurchaseEvent
 
-DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
 MINUTE_MS = 60_000
 STORED = 2  # first element of `Profile.encode`'s array; the layout before began with a string
 COUNTED = (*CLICK_TYPES, "purchase")  # positions of the stored counts: only ever append
