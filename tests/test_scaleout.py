@@ -213,11 +213,16 @@ def test_the_trainer_publishes_as_it_learns_event_time_not_only_by_the_clock(
 ) -> None:  # type: ignore[no-untyped-def]
     """A backlog read at full speed covers days of event time within one checkpoint
     interval; the trainer also publishes every `publish_every_hours` of event time it
-    learns, so no worker assigns with a model days behind the trained one. With the
-    segments kept as seeded (no refit publishes) and a 600 s interval, each publication
-    after the first is one of those."""
+    learns once the model has settled (here at once), so no worker assigns with a model
+    days behind the trained one. With the segments kept as seeded (no refit publishes)
+    and a 600 s interval, each publication after the first is one of those."""
     model = settings.model.model_copy(
-        update={"checkpoint_interval_s": 600.0, "publish_every_hours": 12.0, "adaptation": False}
+        update={
+            "checkpoint_interval_s": 600.0,
+            "publish_every_hours": 12.0,
+            "adaptation": False,
+            "settle_days": 0.0,
+        }
     )
     kafka = settings.kafka.model_copy(update={"max_poll_records": 100})  # about 5 h a poll
     backlog = settings.model_copy(update={"model": model, "kafka": kafka})

@@ -254,17 +254,19 @@ class Worker:
     def _sync_due(self) -> bool:
         """Every checkpoint interval; every second while waiting for a first model; and
         when the trainer has learned `publish_every_hours` of event time past its last
-        publication. A worker catching up on a backlog (or a backfill, or the evaluation)
-        reads days of event time in one interval, and every worker would assign with a
-        model that many days behind the trained one (README, *Each drift alone*)."""
+        publication, once the model has settled. A worker catching up on a backlog (or a
+        backfill, or the evaluation) reads days of event time in one interval, and every
+        worker would assign with a model that many days behind the trained one (README,
+        *Each drift alone*). Before the model settles, users are placed afresh when it
+        does, whatever model placed them."""
         settings = self.settings.model
         interval = settings.checkpoint_interval_s
         if not self.model.ready:
             interval = min(interval, 1.0)
+        settled = self.model.ready and self._learned_to >= self.model.settled_at
         learned = self._learned_to - self._published_to
-        return (
-            time.monotonic() - self._last_sync >= interval
-            or learned >= settings.publish_every_hours * HOUR_MS
+        return time.monotonic() - self._last_sync >= interval or (
+            settled and learned >= settings.publish_every_hours * HOUR_MS
         )
 
     def sync(self, publish: bool = True) -> None:
