@@ -139,8 +139,8 @@ class ModelSettings(_Section):
     learn_window_users: Annotated[int, Field(ge=1)] = 5000  # a sample of the busiest windows
     seed: int = 42
     checkpoint_interval_s: PositiveFloat = 30.0
-    # and once it has learned this much event time past its last publication: a backlog
-    # read at full speed covers days of event time in one interval
+    # and, once settled, each time it has learned this much event time past its last
+    # publication: a backlog read at full speed covers days of event time in one interval
     publish_every_hours: PositiveFloat = 6.0
     # membership: a user moves only when another centre is this much closer (relative)
     switch_margin: Annotated[float, Field(ge=0, lt=1)] = 0.9
