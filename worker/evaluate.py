@@ -808,12 +808,9 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("false alarms per 100k stationary events", f"{d['false_alarms_per_100k']}", "≤ 1"),
     ]
     if m := figures["meaning"]:
-        moved = ", ".join(f"{i}: {change}" for i, change in m["changed_meaning"].items())
         days = ", ".join(map(str, m["looks_days"]))
-        kept = f"{m['ids_compared'] - len(m['changed_meaning'])}/{m['ids_compared']} {moved}"
-        table.append(
-            (f"ids nearest the same persona, stationary (days {days})", kept.strip(), "all")
-        )
+        kept = _kept(m["ids_compared"], m["changed_meaning"])
+        table.append((f"ids nearest the same persona, stationary (days {days})", kept, "all"))
     if r := figures["recovery"]:
         after = f"{r['events_after_onset']:,} events after the new persona"
         table.append(("ARI at the new persona's onset", f"{r['ari_at_onset']}", ""))
@@ -822,9 +819,9 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             (after, r["ids_compared"], r["changed_meaning"]),
             ("at the end", r["ids_compared_by_end"], r["changed_meaning_by_end"]),
         ):
-            moved = ", ".join(f"{i}: {m}" for i, m in changed.items())
-            kept = f"{compared - len(changed)}/{compared} {moved}".strip()
-            table.append((f"ids nearest the same persona {window}", kept, "all"))
+            table.append(
+                (f"ids nearest the same persona {window}", _kept(compared, changed), "all")
+            )
         added = ", ".join(f"{i}: {persona}" for i, persona in r["added"].items())
         table.append(("ids added since the onset, nearest persona at the end", added, ""))
     for name, drift in d["scheduled"].items():
@@ -845,3 +842,9 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
         )
     return table
+
+
+def _kept(compared: int, changed: dict[str, str]) -> str:
+    """ "5/6 s4: lapsing_customer -> new_visitor": ids kept of those compared, and the rest."""
+    moved = ", ".join(f"{i}: {change}" for i, change in changed.items())
+    return f"{compared - len(changed)}/{compared} {moved}".strip()
