@@ -205,19 +205,22 @@ def test_stability_counts_moves_on_the_stationary_part_and_moves_back() -> None:
 
 
 def test_looks_at_meaning_fall_when_the_model_settles_then_weekly_to_the_first_drift() -> None:
-    """None before the model is seeded or settled; the first once the stream passes the
-    settling time, then every week of event time, the last at the drift's onset."""
+    """None until the model has settled (learned past its settling time, which can come
+    hours after the stream passed it); the first then, then every week of event time,
+    the last at the drift's onset; none if it settles only once the drift has begun."""
     hourly = np.arange(40 * 24) * 3_600_000  # an event an hour for 40 days
     looks = Looks(hourly, end=30 * DAY_MS)
-    assert looks.due(5 * 24, None) is None  # not seeded yet
-    assert looks.due(9 * 24, settled_at=10 * DAY_MS) is None
+    assert looks.due(5 * 24, None) is None  # not seeded, or not settled yet
     taken = []
-    for offset in range(9 * 24, 40 * 24):
-        if (at := looks.due(offset, settled_at=10 * DAY_MS)) is not None:
+    for offset in range(5 * 24, 40 * 24):
+        # settling at day 10, reported once the model learned a profile 3 hours past it
+        settled_at = 10 * DAY_MS if offset >= 10 * 24 + 3 else None
+        if (at := looks.due(offset, settled_at)) is not None:
             looks.taken.append((at, Snapshot({}, {}, {})))
-            taken.append(at // DAY_MS)
-    assert taken == [10, 17, 24, 30]
+            taken.append(at // 3_600_000)
+    assert taken == [10 * 24 + 3, 17 * 24 + 3, 24 * 24 + 3, 30 * 24]
     assert Looks(hourly, end=30 * DAY_MS).due(35 * 24, settled_at=31 * DAY_MS) is None
+    assert Looks(hourly, end=30 * DAY_MS).due(31 * 24, settled_at=29 * DAY_MS) is None
 
 
 def test_meaning_names_an_id_whose_centre_moved_to_another_persona() -> None:

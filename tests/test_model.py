@@ -526,6 +526,22 @@ def test_while_the_model_settles_users_follow_the_nearest_centre() -> None:
     assert model.assign(midpoint, current=other, at=settled).segment == other
 
 
+def test_the_model_has_settled_once_it_learned_past_its_settling_time() -> None:
+    """Not when the stream passes the settling time: a copy published before the model
+    learned past it may be days older, and workers would place everyone with it. How far
+    it learned travels with every publication."""
+    model, _ = seeded([0.0, 4.0], settle_days=1)
+    settled_at = int(model.settled_at)
+    assert not model.settled
+    model.learn_one("late", dict.fromkeys(FEATURES, 0.0), settled_at - 1)
+    assert not model.settled
+    model.learn_one("later", dict.fromkeys(FEATURES, 4.0), settled_at)
+    assert model.settled
+    settings = ModelSettings(n_clusters=2, settle_days=1)
+    published = SegmentModel.from_state(settings, model.to_state(), learning=False)
+    assert (published.learned_to, published.settled) == (settled_at, True)
+
+
 def test_a_segment_adaptation_added_takes_users_without_the_margin_for_adopt_days() -> None:
     model, ids = seeded([0.0, 8.0])
     for i, x in enumerate(groups(100, [0.0, 8.0, 16.0], random.Random(3))):

