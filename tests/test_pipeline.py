@@ -695,22 +695,28 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     )
     active = sorted(set().union(*before.values()))[0]
 
-    def run_past_settling(run: int) -> float:
-        """The worker's changes counted as the settling sweep's."""
+    def run_past_settling(run: int) -> tuple[float, float | None, float | None]:
+        """The worker's changes counted as the settling sweep's; and its gauges of the
+        model it assigned with: settled, and the event time it had learned up to."""
         late = {"event_type": "page_view", "user_id": active, "timestamp": last + run * 60_000}
         produce([{**late, "event_id": f"late-{run}"}], settings)
         running = start_worker(settings)
         running.join()
-        counted = running.worker.metrics.registry.get_sample_value(
+        registry = running.worker.metrics.registry
+        counted = registry.get_sample_value(
             "segmentation_segment_changes_total", {"cause": "settled"}
         )
-        return counted or 0.0
+        return (
+            counted or 0.0,
+            registry.get_sample_value("segmentation_model_settled"),
+            registry.get_sample_value("segmentation_model_learned_to_seconds"),
+        )
 
     swap()
     publish(learned_to=last)
     # The stream passes the settling time, but the model has not learned past it (the
     # late event's window of event time stays open): nobody is placed afresh.
-    assert run_past_settling(1) == 0
+    assert run_past_settling(1) == (0, 0, last / 1000)
     assert not redis_client.exists(keys.swept)
     assert {s: members(s) - {active} for s in before} == {
         s: users - {active} for s, users in before.items()
@@ -718,7 +724,8 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     publish(learned_to=last + 60_000)  # now it has
     monkeypatch.setattr("worker.app.PLACE_CHUNK", 40)  # several chunks for 300 users
     scans = count_scans(monkeypatch)
-    settled_moves = run_past_settling(2)
+    settled_moves, settled, learned_to = run_past_settling(2)
+    assert (settled, learned_to) == (1, (last + 60_000) / 1000)
     assert len(scans) > len(before) and max(scans) < 100  # in chunks, not segment by segment
     settling = settings.model
     quiet = sorted(set().union(*before.values()) - {active})
@@ -747,7 +754,7 @@ def test_once_the_model_settles_every_user_is_placed_afresh_once(
     # Restarted, with every partition swept: a newer version moves no quiet user.
     swap()
     publish(learned_to=last + 120_000)
-    assert run_past_settling(3) == 0
+    assert run_past_settling(3)[:2] == (0, 1)
     assert followed - {active} <= members(a)
     # A sweep cut short leaves its partitions unmarked: the next worker does it.
     redis_client.delete(keys.swept)

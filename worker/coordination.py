@@ -213,4 +213,6 @@ class ModelCoordinator:
         self.model = model
         self._metrics.model_version.set(model.version)
         self._metrics.model_revision.set(model.revision)
+        self._metrics.model_learned_to.set(model.learned_to / 1000)
+        self._metrics.model_settled.set(int(model.settled))
         return True

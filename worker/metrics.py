@@ -171,6 +171,18 @@ class Metrics:
             "Revision of the published model this worker assigns with.",
             registry=r,
         )
+        self.model_learned_to = Gauge(
+            "segmentation_model_learned_to_seconds",
+            "Event time (Unix seconds) of the latest profile the model in use had learned "
+            "when it was published: how far the segments' model has followed the stream.",
+            registry=r,
+        )
+        self.model_settled = Gauge(
+            "segmentation_model_settled",
+            "1 once the model in use has learned past its settling time (users were placed "
+            "afresh, and the switch margin holds them from then on), else 0.",
+            registry=r,
+        )
         self.model_leader = Gauge(
             "segmentation_model_leader",
             "1 when this worker holds the model lease (trains and publishes), else 0.",
