@@ -618,6 +618,9 @@ def test_describe_names_from_the_centroid() -> None:
     assert name.startswith("big spenders")
     assert "frequent buyers" in name
     assert "$220" in description
-    browser = {**population, "orders": 0.0, "purchase_recency_days": 60.0}
-    name, _ = describe(browser, dict(population))
+    assert "last purchase 2 d before last visit" in description
+    # recency at its cap means no purchase yet: the description does not date one
+    browser = {**population, "orders": 0.0, "purchase_recency_days": 30.0}
+    name, description = describe(browser, dict(population))
     assert name.startswith("never bought")
+    assert description.startswith("no recent orders") and "last purchase" not in description

@@ -731,11 +731,16 @@ def describe(centroid: dict[str, float], z: dict[str, float]) -> tuple[str, str]
     ]
     phrases = [phrase for fired, phrase, score in sorted(rules, key=lambda r: -r[2]) if fired]
     name = ", ".join(phrases[:3]) or "typical shoppers"
-    description = (
+    # Without purchases, recency sits at its cap (`profile.recency_cap_days`): no purchase
+    # to date, not a purchase that long ago.
+    buying = (
         f"~{orders:.1f} recent orders, avg order ${unlog('aov'):.0f}, "
-        f"{unlog('sessions'):.1f} sessions, "
-        f"items viewed ~${unlog('price_level'):.0f}, "
-        f"last purchase {centroid['purchase_recency_days']:.0f} d before last visit, "
-        f"active {centroid['tenure_days']:.0f} d"
+        f"last purchase {centroid['purchase_recency_days']:.0f} d before last visit"
+        if bought
+        else "no recent orders"
+    )
+    description = (
+        f"{buying}, {unlog('sessions'):.1f} sessions, "
+        f"items viewed ~${unlog('price_level'):.0f}, active {centroid['tenure_days']:.0f} d"
     )
     return name, description
