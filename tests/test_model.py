@@ -15,7 +15,8 @@ from conftest import event_mix
 
 from config.settings import ModelSettings, ProfileSettings
 from schemas import EVENT_ADAPTER
-from worker.drift import Detectors, EventMix, ShareShift, psi
+from schemas.events import ClickEvent, PurchaseEvent
+from worker.drift import Detectors, EventMix, InEventTime, ShareShift, psi
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import generate
 from worker.model import CHECKPOINT_FORMAT, SegmentModel, describe, keeps_meaning, match, rows
@@ -133,6 +134,62 @@ def test_events_detector_sees_a_sale_in_the_event_mix_within_2000_events() -> No
     assert not fired(0.025, 200_000), "a false alarm on a steady event mix"
     assert fired(0.06, 2000), "purchases more than doubled and 2,000 events went by unnoticed"
     assert detectors.moved == ["purchase share of events"]
+
+
+def late_purchases(
+    events: list[ClickEvent | PurchaseEvent], batch: int, late: int, every: int
+) -> Iterable[tuple[list[tuple[float, ClickEvent | PurchaseEvent]], float]]:
+    """The shop as a worker that keeps up applies it, `batch` events at a time, when the
+    purchases' partition runs behind now and then: the purchases of every `every`-th
+    stretch of `late` events come at once, when it ends. Each batch with its
+    events' Kafka timestamps (the event's second) and what the partitions had been
+    fetched to (`KafkaSource.fetched_to`): the last click, or the oldest purchase still
+    to come."""
+    due: dict[int, list[int]] = {}  # batch -> indexes of the purchases it delivers
+    for i, event in enumerate(events):
+        delayed = event.event_type == "purchase" and (i // late) % every == every - 1
+        due.setdefault(((i // late + 1) * late if delayed else i) // batch, []).append(i)
+    for k in range(len(events) // batch + every):
+        mine = [i for i in range(k * batch, (k + 1) * batch) if i < len(events)]
+        delivered = [i for i in mine if events[i].event_type != "purchase"] + [
+            i for i in due.get(k, []) if events[i].event_type == "purchase"
+        ]
+        waiting = [i for j, held in due.items() if j > k for i in held if i < (k + 1) * batch]
+        fetched = min([mine[-1] if mine else len(events), *(i - 1 for i in waiting)])
+        yield [(events[i].timestamp / 1000, events[i]) for i in delivered], fetched
+
+
+def test_a_partition_running_behind_is_no_drift_of_the_event_mix() -> None:
+    """Purchases that come late, in lumps across batches, are no change of the mix once
+    held until every partition is fetched past them (`InEventTime`); sorting each batch
+    alone is not enough."""
+    events = event_mix(random.Random(6), 0.025, 120_000)
+    for hold in (False, True):
+        detectors, mix, in_event_time = Detectors(SETTINGS), EventMix(), InEventTime()
+        seen, fired = [], False
+        for applied, fetched_to in late_purchases(events, batch=400, late=2400, every=4):
+            if hold:
+                going = in_event_time(applied, fetched_to)
+            else:
+                going = sorted((e for _, e in applied), key=lambda e: e.timestamp)
+            for event in going:
+                seen.append(event.timestamp)
+                sample = mix.add(event)
+                fired |= sample is not None and detectors.observe(sample)
+        assert sorted(seen) == [e.timestamp for e in events]  # each once
+        if hold:
+            assert not fired and seen == sorted(seen)
+        else:
+            assert fired and detectors.moved == ["purchase share of events"]
+
+
+def test_in_event_time_holds_at_most_its_limit() -> None:
+    events = event_mix(random.Random(7), 0.025, 10)  # a second apart, stamped so
+    hold = InEventTime(at_most=4)
+    assert hold([(e.timestamp / 1000, e) for e in events[5:]], -1.0) == events[5:6]  # over
+    # fetched to second 3: 0-3 may go, and 4 too, since 4 would wait beside 6-9
+    assert hold([(e.timestamp / 1000, e) for e in events[:5]], 3.0) == events[:5]
+    assert hold([], math.inf) == events[6:]
 
 
 def test_segment_share_psi() -> None:

@@ -343,6 +343,27 @@ def test_the_events_detector_sees_each_batch_in_event_time(
         start += len(batch)
 
 
+def test_the_events_detector_sees_every_applied_event_once_when_aligned(
+    settings: Settings, start_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Aligned (the default), events wait for the `events` detector until every partition
+    has been fetched past them (`InEventTime`): each still reaches it once, the last ones
+    when the worker idles, and it sees them in event time but for what a poll's holding
+    back could not order."""
+    seen: list[int] = []
+    observe = ModelCoordinator.observe
+
+    def spy_observe(coordinator: ModelCoordinator, event: ClickEvent | PurchaseEvent):  # type: ignore[no-untyped-def]
+        seen.append(event.timestamp)
+        return observe(coordinator, event)
+
+    monkeypatch.setattr(ModelCoordinator, "observe", spy_observe)
+    shop, _ = run_shop(settings, start_worker, 300, 6000, seed=27, partitions=4)
+    assert sorted(seen) == sorted(event_ms(e) for e in shop.events)
+    out_of_order = sum(later < earlier for earlier, later in itertools.pairwise(seen))
+    assert out_of_order < len(seen) / 100
+
+
 @pytest.mark.parametrize("align_ms", [5000, 0])
 def test_a_backlog_is_handed_out_in_timestamp_order_across_partitions(
     settings: Settings, align_ms: int

@@ -24,14 +24,13 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from operator import attrgetter
 
 from config.settings import Settings
 from schemas.events import ClickEvent, PurchaseEvent, UserDeleted
 from schemas.records import SegmentChange, UserSegment
 from worker.coordination import ModelCoordinator
 from worker.decode import REASONS, DeadLetter, Decoded, Decoder
-from worker.drift import DriftReport
+from worker.drift import DriftReport, InEventTime
 from worker.features import FeatureExtractor
 from worker.health import HealthServer
 from worker.learning import LearningWindows
@@ -163,6 +162,7 @@ class Worker:
         # Per owned partition, the offset Redis holds as this worker last wrote or read it.
         self._expected: dict[tuple[str, int], int | None] = {}
         self.report_drift = DriftReport(metrics)
+        self._in_event_time = InEventTime()  # the `events` detector's view, in event time
         self.health = HealthServer(
             metrics, self.why_not_ready, settings.metrics.host, settings.metrics.port
         )
@@ -210,6 +210,7 @@ class Worker:
                     self.totals += self.process(records)
                 else:
                     self._learn(len(self.learning))  # idle: nothing waits on learning now
+                    self._observe([])  # the events held for the detector, once fetched past
                     idle = time.monotonic() - last_event
                     if stop_after_idle is not None and idle > stop_after_idle:
                         log.info("no new event for %.0fs; stopping", stop_after_idle)
@@ -422,8 +423,8 @@ class Worker:
         decoded = [self.decode(r.key, r.value, r.position) for r in records]
         self._load_missing(d.event.user_id for d in decoded if isinstance(d, Decoded))
         batch = BatchWrite()
-        applied: list[ClickEvent | PurchaseEvent] = []
-        for item in decoded:
+        applied: list[tuple[float, ClickEvent | PurchaseEvent]] = []
+        for record, item in zip(records, decoded, strict=True):
             position = item.position
             batch.offsets[(position.topic, position.partition)] = position.offset
             batch.first_offsets.setdefault((position.topic, position.partition), position.offset)
@@ -433,7 +434,7 @@ class Worker:
             elif isinstance(item.event, UserDeleted):
                 self._delete_user(batch, item.event, position.topic)
             elif self._apply(batch, item):
-                applied.append(item.event)
+                applied.append((record.appended_at, item.event))
         self._observe(applied)
         self._segment(batch, len(applied))
         if self._sync_now or (batch.pending and self._sync_due()):
@@ -527,11 +528,13 @@ class Worker:
         batch.tally[("events", item.position.topic, event.event_type)] += 1
         return True
 
-    def _observe(self, events: list[ClickEvent | PurchaseEvent]) -> None:
-        """Show the batch's applied events to the `events` detector in event time. A fetch
-        returns a run of one partition before the next, so in applied order an abrupt
-        change (a sale) is smeared over the batch; sorted, it is sharp again."""
-        for event in sorted(events, key=attrgetter("timestamp")):
+    def _observe(self, applied: list[tuple[float, ClickEvent | PurchaseEvent]]) -> None:
+        """Show applied events (with their records' Kafka timestamps) to the `events`
+        detector in event time. A fetch returns a run of one partition before the next,
+        and a partition may run behind the others, so in applied order an abrupt change
+        (a sale) is smeared, and a late partition's events come in lumps; held until no
+        earlier one can come (`InEventTime`) and sorted, the mix is as the shop made it."""
+        for event in self._in_event_time(applied, self.source.fetched_to()):
             drifted = self.coordinator.observe(event)
             if drifted is not None:
                 self.report_drift("events", drifted, event.timestamp)

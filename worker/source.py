@@ -226,12 +226,18 @@ class EventTimeAligner:
 
     def _viewed(self, now: float) -> float:
         """The timestamp every other partition heard from lately has been fetched to."""
-        others = [
+        return self.fetched_to(now, skip=self._orders_topic)
+
+    def fetched_to(self, now: float, skip: str | None = None) -> float:
+        """The timestamp every partition (but those of topic `skip`) that delivered within
+        `orders_wait_s` has been fetched to: nothing stamped earlier is still to come,
+        but from a partition quiet for longer."""
+        lively = [
             self._latest.get(tp, -math.inf)
             for tp, heard in self._heard.items()
-            if tp.topic != self._orders_topic and now - heard <= self._orders_wait
+            if tp.topic != skip and now - heard <= self._orders_wait
         ]
-        return min(others, default=math.inf)
+        return min(lively, default=math.inf)
 
 
 class KafkaSource:
@@ -354,6 +360,15 @@ class KafkaSource:
         if paused - ahead:
             self.consumer.resume(*(paused - ahead))
         return taken
+
+    def fetched_to(self) -> float:
+        """The Kafka timestamp (s) every partition that delivered lately has been fetched
+        to (`EventTimeAligner.fetched_to`): a record stamped no later is already here,
+        unless its partition has been quiet for `purchases_wait_ms`. Unaligned, or with
+        purchases that do not wait, there is no such mark: infinity."""
+        if self._aligner is None or not self._settings.purchases_wait_ms:
+            return math.inf
+        return self._aligner.fetched_to(time.monotonic()) / 1000
 
     def _to_come(self, tp: TopicPartition) -> int | None:
         """Records of a partition not yet polled (in the fetcher or on the broker), as of
