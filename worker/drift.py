@@ -14,10 +14,10 @@ per worker:
   a cold start they would report the population ageing, not a change in behaviour.
 * `events` — Page-Hinkley on each share of the event mix (purchases, add-to-carts,
   searches) and on the mean log price of the items viewed, over consecutive samples of
-  `EVENTS_PER_SAMPLE` applied events of one worker (`EventMix`; the others hand theirs to
-  the leader), standardized: a profile is learned once per user
-  per batch, about one per ten events, and moves only as far as one event moves it, so
-  a sale shows in the events long before it shows in the profiles. Events are averaged
+  `EVENTS_PER_SAMPLE` applied events of one worker, in event time (`InEventTime`,
+  `EventMix`; the others hand theirs to the leader), standardized: a profile is learned
+  once per user per batch, about one per ten events, and moves only as far as one event
+  moves it, so a sale shows in the events long before it shows in the profiles. Events are averaged
   first because consecutive events are not independent (a session's events share its
   shopper's price level); Page-Hinkley rather than ADWIN because the change to catch is
   abrupt and ADWIN needs five samples on each side of a cut before it may report. Not
