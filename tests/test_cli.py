@@ -177,6 +177,32 @@ def test_demo_ends_by_itself_with_a_summary() -> None:
     assert time.monotonic() - started < 120
 
 
+def test_demo_stopped_with_sigterm_drains_sums_up_and_stops_its_servers() -> None:
+    """As Ctrl-C does: the worker drains, the summary is printed, and the embedded
+    broker and Redis are stopped by the demo itself, not left to their guards."""
+    demo = subprocess.Popen(
+        [*CLI, "demo", "--duration", "300", "--users", "400", "--rate", "800"],
+        env={**os.environ, "SEGMENT_METRICS_PORT": "0", "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert demo.stdout is not None
+    header = ""
+    while "Ctrl-C to stop" not in header:  # printed once the pipeline runs
+        header = demo.stdout.readline()
+        assert header or demo.poll() is None, demo.stderr.read()  # type: ignore[union-attr]
+    redis_port = int(re.search(r"Redis at redis://[^:]+:(\d+)", header).group(1))  # type: ignore[union-attr]
+    demo.send_signal(signal.SIGTERM)
+    out, err = demo.communicate(timeout=120)
+    assert demo.returncode == 0, err
+    assert "interrupted; stopping" in out and "Segments at the end of the demo" in out
+    assert "events applied" in out
+    assert "Traceback" not in out + err
+    with pytest.raises(redis.ConnectionError):  # its Redis is gone with it
+        redis.Redis(port=redis_port, socket_connect_timeout=2).ping()
+
+
 # A process that starts both embedded servers, prints their pids, then waits for stdin.
 SERVERS_THEN_WAIT = """
 import sys

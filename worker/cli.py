@@ -192,6 +192,7 @@ def demo(
 
     settings = _settings(config)
     logging.getLogger().setLevel(logging.WARNING)  # the live table is the output
+    _interruptible()  # SIGTERM ends it as Ctrl-C does: the worker drains, a summary follows
     run_demo(settings, duration, users, rate, console)
 
 

@@ -107,17 +107,17 @@ def run_demo(
             ),
             threading.Thread(target=worker.run, daemon=True),
         ]
-        for thread in threads:
-            thread.start()
         reader = SegmentReader(connect(settings.redis), settings.redis.key_prefix)
         rates = _Rates()
-        console.print(
-            f"[bold]segment-worker demo[/]: Kafka (Tansu) at {broker.bootstrap_servers}, "
-            f"Redis at {redis_server.url}, metrics at "
-            f"http://localhost:{settings.metrics.port}/metrics — Ctrl-C to stop"
-        )
-        ended = time.monotonic() + duration
-        try:
+        try:  # from here on an interrupt stops the threads before the servers go
+            for thread in threads:
+                thread.start()
+            console.print(
+                f"[bold]segment-worker demo[/]: Kafka (Tansu) at {broker.bootstrap_servers}, "
+                f"Redis at {redis_server.url}, metrics at "
+                f"http://localhost:{settings.metrics.port}/metrics — Ctrl-C to stop"
+            )
+            ended = time.monotonic() + duration
             with Live(console=console, refresh_per_second=2) as live:
                 while time.monotonic() < ended:
                     events_per_s = rates.update(_sum(metrics.events))
@@ -134,7 +134,8 @@ def run_demo(
         finally:
             stop.set()
             for thread in threads:
-                thread.join(timeout=30)
+                if thread.is_alive():  # one interrupted before it started has nothing to join
+                    thread.join(timeout=30)
         console.print(segment_table(reader, "Segments at the end of the demo"))
         console.print(
             f"{_sum(metrics.events):,.0f} events applied from {len(shop.truth):,} generated users, "
