@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis
 from conftest import RunningWorker, wait_for
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from config.settings import Settings
 from schemas.events import ClickEvent, PurchaseEvent
@@ -358,8 +358,24 @@ def test_the_events_detector_sees_every_applied_event_once_when_aligned(
         return observe(coordinator, event)
 
     monkeypatch.setattr(ModelCoordinator, "observe", spy_observe)
-    shop, _ = run_shop(settings, start_worker, 300, 6000, seed=27, partitions=4)
-    assert sorted(seen) == sorted(event_ms(e) for e in shop.events)
+    ensure_topics(settings.kafka, partitions=4)
+    shop = generate(users=300, events=6000, seed=27)
+    produce(shop.events, settings)
+    # One more click, stamped by its producer an hour ahead: the other partitions are
+    # not fetched past it before the stream ends, so it waits until they go quiet
+    # (`kafka.purchases_wait_ms`), and must not be stranded then.
+    last = shop.events[-1]
+    late = {**last, "event_id": "ahead", "event_type": "page_view", "timestamp": event_ms(last)}
+    producer = KafkaProducer(**kafka_client_config(settings.kafka))
+    producer.send(
+        settings.kafka.clickstream_topic,
+        key=str(late["user_id"]).encode(),
+        value=orjson.dumps(late),
+        timestamp_ms=int(time.time() * 1000) + 3_600_000,
+    )
+    producer.close()
+    start_worker(settings).join()
+    assert sorted(seen) == sorted(event_ms(e) for e in [*shop.events, late])
     out_of_order = sum(later < earlier for earlier, later in itertools.pairwise(seen))
     assert out_of_order < len(seen) / 100
 
