@@ -347,9 +347,9 @@ def test_the_events_detector_sees_every_applied_event_once_when_aligned(
     settings: Settings, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """Aligned (the default), events wait for the `events` detector until every partition
-    has been fetched past them (`InEventTime`): each still reaches it once, the last ones
-    when the worker idles, and it sees them in event time but for what a poll's holding
-    back could not order."""
+    has been fetched past them (`InEventTime`): each still reaches it once, one stamped
+    ahead of every other partition too, and it sees them in event time but for what a
+    poll's holding back could not order."""
     seen: list[int] = []
     observe = ModelCoordinator.observe
 

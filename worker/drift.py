@@ -17,11 +17,11 @@ per worker:
   `EVENTS_PER_SAMPLE` applied events of one worker, in event time (`InEventTime`,
   `EventMix`; the others hand theirs to the leader), standardized: a profile is learned
   once per user per batch, about one per ten events, and moves only as far as one event
-  moves it, so a sale shows in the events long before it shows in the profiles. Events are averaged
-  first because consecutive events are not independent (a session's events share its
-  shopper's price level); Page-Hinkley rather than ADWIN because the change to catch is
-  abrupt and ADWIN needs five samples on each side of a cut before it may report. Not
-  restored with the model: they refill within seconds of events.
+  moves it, so a sale shows in the events long before it shows in the profiles. Events
+  are averaged first because consecutive events are not independent (a session's events
+  share its shopper's price level); Page-Hinkley rather than ADWIN because the change to
+  catch is abrupt and ADWIN needs five samples on each side of a cut before it may
+  report. Not restored with the model: they refill within seconds of events.
 * `share` — the population stability index (PSI) of the segment shares in the latest
   window of profiles against a reference window taken after the last (re)seeding:
   Σ (p − q)·ln(p / q). Shoppers flowing from one segment into another move it.

@@ -198,7 +198,7 @@ class EventTimeAligner:
     ) -> Callable[[TopicPartition, Held], bool]:
         """Whether a partition's next held record may go now."""
         mark = self._mark(to_come, now)
-        viewed = self._viewed(now)
+        viewed = self.fetched_to(now, skip=self._orders_topic)  # the views before an order
 
         def may_go(tp: TopicPartition, held: Held) -> bool:
             record, fetched_at = held
@@ -223,10 +223,6 @@ class EventTimeAligner:
 
     def _catching_up(self, to_come: int | None) -> bool:
         return to_come is None or to_come > self._slack
-
-    def _viewed(self, now: float) -> float:
-        """The timestamp every other partition heard from lately has been fetched to."""
-        return self.fetched_to(now, skip=self._orders_topic)
 
     def fetched_to(self, now: float, skip: str | None = None) -> float:
         """The timestamp every partition (but those of topic `skip`) that delivered within
