@@ -17,6 +17,7 @@ import pytest
 import redis
 from conftest import RunningWorker, wait_for
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.partitioner.default import murmur2
 
 from config.settings import Settings
 from schemas.events import ClickEvent, PurchaseEvent
@@ -347,9 +348,10 @@ def test_the_events_detector_sees_every_applied_event_once_when_aligned(
     settings: Settings, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """Aligned (the default), events wait for the `events` detector until every partition
-    has been fetched past them (`InEventTime`): each still reaches it once, one stamped
-    ahead of every other partition too, and it sees them in event time but for what a
-    poll's holding back could not order."""
+    has been fetched past them (`InEventTime`): each still reaches it once, and it sees
+    them in event time but for what a poll's holding back could not order. One stamped
+    ahead of the others is not stranded when no record comes after it: an idle worker
+    hands it on once the other partitions have been quiet for `purchases_wait_ms`."""
     seen: list[int] = []
     observe = ModelCoordinator.observe
 
@@ -361,23 +363,37 @@ def test_the_events_detector_sees_every_applied_event_once_when_aligned(
     ensure_topics(settings.kafka, partitions=4)
     shop = generate(users=300, events=6000, seed=27)
     produce(shop.events, settings)
-    # One more click, stamped by its producer an hour ahead: the other partitions are
-    # not fetched past it before the stream ends, so it waits until they go quiet
-    # (`kafka.purchases_wait_ms`), and must not be stranded then.
-    last = shop.events[-1]
-    late = {**last, "event_id": "ahead", "event_type": "page_view", "timestamp": event_ms(last)}
+    worker = start_worker(settings, idle=5.0)
+    wait_for(lambda: len(seen) == len(shop.events), 120, "the shop's events at the detector")
+    # Then, the worker idle, a click on one partition and, right after, one stamped by its
+    # producer an hour ahead on another. The first is handed on with its batch; the
+    # second waits for the first's partition to go quiet, and no later batch comes to
+    # release it: only the idle worker's polls can.
     producer = KafkaProducer(**kafka_client_config(settings.kafka))
-    producer.send(
-        settings.kafka.clickstream_topic,
-        key=str(late["user_id"]).encode(),
-        value=orjson.dumps(late),
-        timestamp_ms=int(time.time() * 1000) + 3_600_000,
-    )
+    last = shop.events[-1]
+    first = next(iter(shop.truth))
+    other = next(u for u in shop.truth if partition_of(u) != partition_of(first))
+    pair = []
+    for user, ahead_ms in ((first, 0), (other, 3_600_000)):
+        click = {**last, "user_id": user, "event_id": f"pair-{user}", "event_type": "page_view"}
+        producer.send(
+            settings.kafka.clickstream_topic,
+            key=user.encode(),
+            value=orjson.dumps(click),
+            timestamp_ms=int(time.time() * 1000) + ahead_ms,
+        )
+        producer.flush()
+        pair.append(click)
     producer.close()
-    start_worker(settings).join()
-    assert sorted(seen) == sorted(event_ms(e) for e in [*shop.events, late])
+    worker.join()
+    assert sorted(seen) == sorted(event_ms(e) for e in [*shop.events, *pair])
     out_of_order = sum(later < earlier for earlier, later in itertools.pairwise(seen))
     assert out_of_order < len(seen) / 100
+
+
+def partition_of(user_id: str, partitions: int = 4) -> int:
+    """The partition kafka-python's default partitioner gives a user's records."""
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 @pytest.mark.parametrize("align_ms", [5000, 0])
