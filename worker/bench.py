@@ -47,6 +47,7 @@ from sklearn.metrics import adjusted_rand_score
 from config.settings import Settings, to_env
 from schemas.reader import text
 from schemas.records import RedisKeys
+from worker.app import settled_gc
 from worker.embedded import Guard, free_port
 from worker.features import FEATURES, FeatureExtractor
 from worker.generator import event_ms, generate
@@ -446,14 +447,18 @@ class Bench:
         pids = {**{k: p for k, p in self.pids.items() if p}, "worker": worker.pid}
         pids["load_generator"] = os.getpid()  # the paced producer runs in this process
         cpu_before, started = {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
-        produce(  # a short linger: the load generator should add little delay of its own
-            paced,
-            settings,
-            rate=rate,
-            on_sent=lambda n: self.progress.update(task, completed=n),
-            linger_ms=2,
-            burst=max(1, round(rate * SEND_EVERY_S)),
-        )
+        # The load generator should add little delay of its own: a short linger, and no
+        # pauses of its cycle collector walking the shop's million objects (the records'
+        # acks at p99 248 ms after their timestamps with them, 63 ms without).
+        with settled_gc():
+            produce(
+                paced,
+                settings,
+                rate=rate,
+                on_sent=lambda n: self.progress.update(task, completed=n),
+                linger_ms=2,
+                burst=max(1, round(rate * SEND_EVERY_S)),
+            )
         paced_s = time.monotonic() - started
         cores = {k: round((cpu_seconds(p) - cpu_before[k]) / paced_s, 2) for k, p in pids.items()}
         after = before
