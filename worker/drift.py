@@ -141,7 +141,7 @@ class InEventTime:
 
     Why: a worker that keeps up hands each partition's records on as they come, and one
     partition may run behind the others (a slow producer, fetches out of phase). In a
-    benchmark stage paced at 9,000 events/s one of four click partitions ran about 250 ms
+    benchmark stage paced at 9,000 events/s one of four click partitions ran about 260 ms
     behind; the purchases that waited for its clicks (`EventTimeAligner`) then came in
     lumps, up to 49 in a sample of 200 after a dozen samples with none, and the `events`
     detector fired on them five times in 360,000 events of a shop that did not change.
