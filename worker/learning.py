@@ -87,7 +87,9 @@ class LearningWindows:
             self._close()
         user_id = profile.user_id
         window = max(self._window(profile.last_ts), self._closed_before)
-        members = self._open.setdefault(window, _Window())
+        members = self._open.get(window)
+        if members is None:  # not `setdefault`: it would build a window for every event
+            members = self._open[window] = _Window()
         if user_id in members.members:
             members.members[user_id] = profile  # the cache may have reloaded it
             self._window_of[user_id] = window
