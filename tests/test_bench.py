@@ -88,6 +88,10 @@ def test_bench_reports_every_figure() -> None:
     # or after production's 21 days if that is sooner
     assert 0 < latency["settle_days"] <= ModelSettings().settle_days
     assert 50 < figures["redis_bytes_per_user"] < 100_000
+    # where the bytes go: every part is there, and they add up (each rounded alone)
+    parts = figures["redis_bytes_per_user_by_key"]
+    assert set(parts) == {"user_hash", "profile", "membership"} and min(parts.values()) > 0
+    assert abs(sum(parts.values()) - figures["redis_bytes_per_user"]) <= 2
     assert batch["users"] == figures["users"]
     assert 0 < batch["ari_streaming_vs_personas"] <= 1 and 0 < batch["ari_batch_vs_personas"] <= 1
     assert batch["wall_s"] >= batch["fit_s"]

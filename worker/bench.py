@@ -12,7 +12,7 @@ report. The stages, in order:
 3. scale-out: two workers sharing the partitions, next to the one worker's stage (the
    machine's speed drifts over minutes): throughput, the CPU split between broker,
    Redis and workers, and each worker's CPU per 1k of its events, trainer and follower;
-4. footprint: Redis bytes per user (MEMORY USAGE of everything stored about a sample);
+4. footprint: Redis bytes per user (MEMORY USAGE of everything stored about a sample, by key);
 5. batch alternative: load every profile, fit scikit-learn k-means (k-means++, same k),
    write every user's segment back; its wall time bounds the freshness of a schedule;
 6. latency: a worker in steady state (its own shop's first half, unpaced, seeds and
@@ -269,7 +269,9 @@ class Bench:
         )
         figures["scale_out"] = scale
         self.forget("b")  # the later stages scan Redis: keep their figures those of one shop
-        figures["redis_bytes_per_user"] = self.bytes_per_user(main, list(shop.truth))
+        footprint = self.bytes_per_user(main, list(shop.truth))
+        figures["redis_bytes_per_user"] = footprint.pop("total")
+        figures["redis_bytes_per_user_by_key"] = footprint
         figures["batch_alternative"] = self.batch_alternative(main, task, shop.truth)
         half = figures["full_speed"]["events_per_s"] / 2
         figures["latency"] = self.latency(self.latency_rate or half, task)
@@ -358,18 +360,26 @@ class Bench:
             }
         return result
 
-    def bytes_per_user(self, settings: Settings, users: list[str]) -> float:
+    def bytes_per_user(self, settings: Settings, users: list[str]) -> dict[str, int]:
+        """`MEMORY USAGE` of everything stored about a user, by key: the user hash other
+        services read, the profile, and the entry in a segment's membership set (the
+        sets' bytes over their members). The parts say where the bytes go."""
         keys = RedisKeys(settings.redis.key_prefix)
         sample = users[:: max(len(users) // 1000, 1)]
         pipe = self.redis.pipeline(transaction=False)
         for user in sample:
             pipe.memory_usage(keys.user(user), samples=0)
             pipe.memory_usage(keys.profile(user), samples=0)
-        per_user = sum(v or 0 for v in pipe.execute()) / len(sample)
+        used = [v or 0 for v in pipe.execute()]
         members = [text(s) for s in self.redis.smembers(keys.segments)]
         zset_bytes = sum(self.redis.memory_usage(keys.members(s), samples=0) or 0 for s in members)
         zset_users = sum(self.redis.zcard(keys.members(s)) for s in members)
-        return round(per_user + zset_bytes / max(zset_users, 1))
+        parts = {
+            "user_hash": sum(used[0::2]) / len(sample),
+            "profile": sum(used[1::2]) / len(sample),
+            "membership": zset_bytes / max(zset_users, 1),
+        }
+        return {"total": round(sum(parts.values())), **{k: round(v) for k, v in parts.items()}}
 
     def batch_alternative(
         self, settings: Settings, task: Any, personas: dict[str, str]
@@ -547,7 +557,12 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("worker peak RSS", f"{full['peak_rss_mb'][0]} MB", ""),
         (
             "Redis bytes per user",
-            f"{figures['redis_bytes_per_user']}",
+            f"{figures['redis_bytes_per_user']} ("
+            + ", ".join(
+                f"{key.replace('_', ' ')} {n}"
+                for key, n in figures["redis_bytes_per_user_by_key"].items()
+            )
+            + ")",
             "≤ 400",
         ),
         (
