@@ -113,6 +113,9 @@ def test_bad_setting_fails_at_start_naming_it(
         (["--cut", "1"], ("--cut", "--replay")),  # a cut is a way of replaying
         (["--stationary", "--drift", "sale"], ("--drift", "stationary")),
         (["--drift", "flash_crash"], ("--drift", "flash_crash")),  # not in the schedule
+        (["--sale-at", "1.2"], ("--sale-at", "1.2", "timeline")),  # after the shop's end
+        (["--new-persona-at", "0"], ("--new-persona-at", "0.0", "timeline")),
+        (["--users", "300"], ("--users", "warmup_users")),  # too few for the model to seed
     ],
 )
 def test_evaluate_refuses_options_that_contradict_naming_them(

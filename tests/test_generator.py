@@ -69,6 +69,30 @@ def test_new_visitors_arrive_together_and_lapsing_customers_lapse_one_by_one() -
     assert lapsed[len(lapsed) * 3 // 4] - lapsed[len(lapsed) // 4] > 0.1 * span
 
 
+def test_the_schedule_says_when_each_drift_starts_and_a_sale_does_not_revive_the_lapsed() -> None:
+    """`evaluate --sale-at --new-persona-at`: each drift starts at its fraction of the
+    timeline. A sale that comes while lapsing customers are still lapsing (each stops
+    buying by half the timeline) makes those who still buy buy more, and does not bring
+    back those who stopped: no lapsing customer orders after half the timeline."""
+    shop = generate(1500, 60_000, seed=5, starts={"sale": 0.2, "new_persona": 0.6})
+    first, last = event_ms(shop.events[0]), event_ms(shop.events[-1])
+
+    def at(fraction: float) -> int:
+        return first + int(fraction * (last - first))
+
+    assert at(0.19) <= shop.drifts["sale"] <= at(0.21)
+    assert at(0.58) <= shop.drifts["new_persona"] <= at(0.62)
+    lapsing_orders = [
+        event_ms(e)
+        for e in shop.events
+        if e["event_type"] == "purchase" and shop.truth[str(e["user_id"])] == "lapsing_customer"
+    ]
+    assert any(t >= shop.drifts["sale"] for t in lapsing_orders)  # those still buying
+    assert max(lapsing_orders) < at(0.51)
+    with pytest.raises(ValueError, match=r"sale starts at 1\.2"):
+        generate(300, 4000, seed=5, starts={"sale": 1.2, "new_persona": 0.6})
+
+
 def test_stationary_shop_has_no_drift() -> None:
     shop = generate(500, 8000, seed=4, drifts=())
     assert shop.drifts == {}

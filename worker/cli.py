@@ -20,7 +20,7 @@ from rich.table import Table
 
 from config.settings import Settings, SettingsError, load_settings
 from schemas.reader import SegmentReader
-from worker.generator import DRIFTS, Drift
+from worker.generator import DRIFTS, STARTS, Drift
 from worker.metrics import Metrics
 
 app = typer.Typer(
@@ -398,12 +398,32 @@ def _report(
     console.print(table)
 
 
+def _within_timeline(value: float) -> float:
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"{value} is not within the timeline: a fraction between 0 and 1")
+    return value
+
+
 @app.command()
 def evaluate(
     config: ConfigOption = None,
     users: Annotated[int, typer.Option(min=100, help="Users in the generated shop.")] = 20_000,
     events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = 2_000_000,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 7,
+    sale_at: Annotated[
+        float,
+        typer.Option(
+            callback=_within_timeline,
+            help="When the sale starts, as a fraction of the timeline.",
+        ),
+    ] = STARTS[Drift.sale],
+    new_persona_at: Annotated[
+        float,
+        typer.Option(
+            callback=_within_timeline,
+            help="When the new persona arrives, as a fraction of the timeline.",
+        ),
+    ] = STARTS[Drift.new_persona],
     drift: Annotated[
         list[Drift] | None,
         typer.Option(
@@ -453,9 +473,18 @@ def evaluate(
         raise typer.BadParameter("a stationary shop has no drift", param_hint="--drift")
     drifts = () if stationary else tuple(drift or DRIFTS)
     settings = _settings(config)
+    if users < settings.model.warmup_users:
+        raise typer.BadParameter(
+            f"{users} users: the model seeds once it has seen model.warmup_users "
+            f"({settings.model.warmup_users}), so no segment would be scored",
+            param_hint="--users",
+        )
     _interruptible()
     logging.getLogger("worker").setLevel(logging.WARNING)
-    evaluation = partial(Evaluation, users=users, events=events, seed=seed, drifts=drifts)
+    starts: dict[str, float] = {Drift.sale: sale_at, Drift.new_persona: new_persona_at}
+    evaluation = partial(
+        Evaluation, users=users, events=events, seed=seed, drifts=drifts, starts=starts
+    )
     with console.status("generating and segmenting the shop"):
         if replay:
             figures = evaluation(settings, replay=True, cut=cut).run()

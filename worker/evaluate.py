@@ -38,7 +38,7 @@ import threading
 import uuid
 import zlib
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -59,7 +59,7 @@ from schemas.records import RedisKeys
 from worker.app import Worker, settled_gc
 from worker.drift import EventMix
 from worker.features import FEATURES, FeatureExtractor
-from worker.generator import DRIFTS, Shop, event_ms, generate
+from worker.generator import DRIFTS, STARTS, Shop, event_ms, generate
 from worker.learning import LearningWindows
 from worker.metrics import Metrics
 from worker.model import SegmentModel
@@ -137,13 +137,14 @@ class Evaluation:
     events: int = 2_000_000
     seed: int = 7
     drifts: tuple[str, ...] = DRIFTS  # the drift schedule (`generator.scenario`)
+    starts: Mapping[str, float] = field(default_factory=STARTS.copy)  # and when each starts
     replay: bool = False  # the model and profile code alone, without Kafka and Redis
     cut: int | None = None  # a replay cut as fetched, by this seed (`Cut`)
     workers: int = 1  # in the pipeline: a consumer group of this many, one model
 
     def run(self) -> dict[str, Any]:
         settings = self._own_topics()
-        shop = generate(self.users, self.events, seed=self.seed, drifts=self.drifts)
+        shop = generate(self.users, self.events, self.seed, self.drifts, self.starts)
         times = np.array([event_ms(e) for e in shop.events])
         # Moments to look at: the new persona's onset and RECOVERY_EVENTS later.
         onset = shop.drifts.get("new_persona")
@@ -164,6 +165,7 @@ class Evaluation:
                 "events": len(shop.events),
                 "personas": len(set(shop.truth.values())),
                 "drifts": {name: at for name, at in shop.drifts.items()},
+                "starts": {name: self.starts[name] for name in shop.drifts},
                 "applied": outcome.applied,
                 "through": self._through,
                 **({} if self.replay else {"workers": self.workers}),
@@ -533,8 +535,9 @@ def recovery(
     `RECOVERY_EVENTS` later: ARI against the personas of the stored segments and of batch
     k-means on the same profiles (same k), the ids live at the onset whose centroid is
     nearest to another persona later (then, and at the end): ids that changed meaning;
-    and the persona nearest each id added since the onset."""
-    if len(snapshots) < 2:
+    and the persona nearest each id added since the onset. None if the new persona
+    came before the model had seeded: no segment was there to answer it."""
+    if len(snapshots) < 2 or not snapshots[0].segments:
         return None
     onset, after = snapshots
     users = sorted(after.segments)
@@ -778,6 +781,12 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
     through, workers = figures["scenario"]["through"], figures["scenario"].get("workers")
     table = [
         ("through", through + (f", {workers} worker(s)" if workers else ""), ""),
+        (
+            "drift schedule (fraction of the timeline)",
+            ", ".join(f"{name} at {at}" for name, at in figures["scenario"]["starts"].items())
+            or "none: stationary",
+            "",
+        ),
         ("ARI streaming vs personas", f"{q['ari_streaming']}", "≥ 0.85"),
         ("ARI batch k-means vs personas", f"{q['ari_batch']}", ""),
         ("ARI streaming / batch", f"{q['ari_ratio']}", "≥ 0.95"),

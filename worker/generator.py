@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -37,6 +37,8 @@ class Persona:
     buy_changes_at: float = 1.0  # fraction of the user's active span after which they
     buy_after: float = 0.0  # buy this often per session instead
     buy_changes_spread: float = 0.0  # each user's own change comes up to this much either side
+    sale_at: float = 1.0  # fraction of the timeline from which a sale runs (1: no sale)
+    sale_buy: float = 0.0  # in the sale, buy in at least this share of sessions
     categories: tuple[str, ...] = CATEGORIES
 
 
@@ -90,7 +92,6 @@ PERSONAS: tuple[Persona, ...] = (
         _mix(page_view=5, product_view=3, search=1),
         buy_per_session=0.02,
         price=32,
-        joins_at=0.8,
     ),
     Persona(
         "lapsing_customer",
@@ -115,10 +116,9 @@ PERSONAS: tuple[Persona, ...] = (
 )
 
 
-SALE_AT = 0.6  # the sale starts at this fraction of the timeline: from then on, window
-SALE_WINDOW_SHOPPERS_BUY = 0.5  # shoppers buy in this share of their sessions, and
-SALE_BOOST = 1.5  # everyone else this many times as often as before
-ARRIVING = "new_visitor"  # the persona that appears mid-stream (its `joins_at`)
+SALE_WINDOW_SHOPPERS_BUY = 0.5  # in the sale, window shoppers buy in this share of their
+SALE_BOOST = 1.5  # sessions, and everyone else this many times as often as they would
+ARRIVING = "new_visitor"  # the persona that appears mid-stream, at the `new_persona` start
 
 
 class Drift(StrEnum):
@@ -129,6 +129,10 @@ class Drift(StrEnum):
 
 
 DRIFTS: tuple[str, ...] = tuple(Drift)  # the drift schedule of a default run
+# When each drift starts, as a fraction of the timeline (`evaluate --sale-at
+# --new-persona-at`). The new persona arrives while the sale is still turning window
+# shoppers into buyers (README, Evaluation: what that does to the measures).
+STARTS: dict[str, float] = {Drift.sale: 0.6, Drift.new_persona: 0.8}
 
 
 @dataclass(slots=True)
@@ -141,41 +145,51 @@ class Shop:
     drifts: dict[str, int] = field(default_factory=dict)
 
 
-def scenario(drifts: Collection[str] = DRIFTS) -> tuple[Persona, ...]:
-    """The personas of a run under a drift schedule, any of `DRIFTS`: the `sale` at
-    `SALE_AT` turns window shoppers into buyers and makes buyers buy more; with
-    `new_persona`, new visitors appear at their `joins_at`.
+def scenario(
+    drifts: Collection[str] = DRIFTS, starts: Mapping[str, float] = STARTS
+) -> tuple[Persona, ...]:
+    """The personas of a run under a drift schedule, any of `DRIFTS`, each starting at its
+    fraction of the timeline in `starts`: from the `sale` on, window shoppers buy and
+    everyone else buys more (a lapsed customer still buys nothing); with `new_persona`,
+    new visitors appear.
     Without either, a stationary shop: the other personas, each behaving the same
     throughout but for lapsing customers, each of whom stops buying at their own time."""
     unknown = set(drifts) - set(DRIFTS)
     if unknown:
         raise ValueError(f"unknown drifts {sorted(unknown)}: the schedule knows {DRIFTS}")
+    for drift in drifts:
+        if not 0 < starts[drift] < 1:
+            raise ValueError(f"{drift} starts at {starts[drift]}: not within the timeline (0-1)")
     cast = PERSONAS if "new_persona" in drifts else tuple(p for p in PERSONAS if p.name != ARRIVING)
+    cast = tuple(
+        replace(p, joins_at=starts["new_persona"]) if p.name == ARRIVING else p for p in cast
+    )
     if "sale" not in drifts:
         return cast
 
     def on_sale(p: Persona) -> Persona:
         if p.name == ARRIVING:
             return p
-        if p.name == "window_shopper":
-            return replace(p, buy_changes_at=SALE_AT, buy_after=SALE_WINDOW_SHOPPERS_BUY)
-        if p.buy_changes_at + p.buy_changes_spread < SALE_AT:  # all lapsed before the sale:
-            return p  # the sale does not reach them
-        return replace(
-            p, buy_changes_at=SALE_AT, buy_after=min(SALE_BOOST * p.buy_per_session, 1.0)
-        )
+        floor = SALE_WINDOW_SHOPPERS_BUY if p.name == "window_shopper" else 0.0
+        return replace(p, sale_at=starts["sale"], sale_buy=floor)
 
     return tuple(map(on_sale, cast))
 
 
-def generate(users: int, events: int, seed: int = 7, drifts: Collection[str] = DRIFTS) -> Shop:
+def generate(
+    users: int,
+    events: int,
+    seed: int = 7,
+    drifts: Collection[str] = DRIFTS,
+    starts: Mapping[str, float] = STARTS,
+) -> Shop:
     """`events` events from `users` users, sorted by event time, under the drift schedule
-    `drifts` (see `scenario`; empty for a stationary shop).
+    `drifts` starting at `starts` (see `scenario`; no drifts for a stationary shop).
 
     The timeline's length is chosen so the personas' rates produce at least `events`
     events; the stream is then cut to exactly that many.
     """
-    cast = scenario(drifts)
+    cast = scenario(drifts, starts)
     personas = random.Random(seed).choices(cast, weights=[p.share for p in cast], k=users)
     days = _timeline_for(personas, events)
     while True:  # the rates are expectations: lengthen the timeline if the draw fell short
@@ -192,7 +206,7 @@ def generate(users: int, events: int, seed: int = 7, drifts: Collection[str] = D
     seen = {str(e["user_id"]) for e in shop.events}
     shop.truth = {f"u-{i}": p.name for i, p in enumerate(personas) if f"u-{i}" in seen}
     if "sale" in drifts:
-        shop.drifts["sale"] = START_MS + int(SALE_AT * days * DAY_MS)
+        shop.drifts["sale"] = START_MS + int(starts["sale"] * days * DAY_MS)
     if "new_persona" in drifts:
         arrivals = [event_ms(e) for e in shop.events if shop.truth[str(e["user_id"])] == ARRIVING]
         if arrivals:
@@ -271,6 +285,8 @@ def _user_events(
                 cart.append((product_id, category, price))
             yield ts, event
         buy_p = p.buy_per_session if day < buy_change else p.buy_after
+        if day >= p.sale_at * days:
+            buy_p = max(min(SALE_BOOST * buy_p, 1.0), p.sale_buy)
         if rng.random() < buy_p:
             ts += rng.randint(10_000, 120_000)
             counter += 1
