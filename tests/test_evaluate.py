@@ -29,7 +29,7 @@ from worker.evaluate import (
     stability,
 )
 from worker.features import FEATURES, FeatureExtractor
-from worker.generator import Shop, generate
+from worker.generator import STARTS, Shop, generate
 from worker.profiles import DAY_MS, Position, Profile, ProfileUpdater
 from worker.source import kafka_client_config
 
@@ -123,7 +123,7 @@ def test_the_new_persona_alone_gets_a_segment_of_its_own_and_moves_no_id() -> No
     figures = Evaluation(
         Settings(), users=1500, events=150_000, seed=4, replay=True, drifts=("new_persona",)
     ).run()
-    assert set(figures["scenario"]["drifts"]) == {"new_persona"}
+    assert figures["scenario"]["starts"] == {"new_persona": STARTS["new_persona"]}
     assert set(figures["drift"]["scheduled"]) == {"new_persona"}
     recovery = figures["recovery"]
     assert list(recovery["added"].values()) == ["new_visitor"], recovery["added"]
