@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 from conftest import wait_for, worker_env
@@ -19,6 +20,7 @@ from config.settings import Settings
 from schemas.reader import SegmentReader
 from worker.embedded import EmbeddedRedis, free_port
 from worker.features import FEATURES
+from worker.generator import event_ms, generate, iso
 from worker.source import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -83,6 +85,38 @@ def test_generate_to_file_is_reproducible(tmp_path: Path) -> None:
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
     assert len(outputs[0].splitlines()) == 500
+
+
+def test_generate_writes_the_ground_truth_of_the_schedule_it_was_given(tmp_path: Path) -> None:
+    """Personas and each drift's start: what `evaluate` scores against, for a shop sent
+    elsewhere (`--sale-at` moves the sale, `--drift` keeps only the drifts named)."""
+    out, truth, onsets = tmp_path / "shop.jsonl", tmp_path / "truth.csv", tmp_path / "on.json"
+    options = [
+        "--truth",
+        str(truth),
+        "--onsets",
+        str(onsets),
+        "--drift",
+        "sale",
+        "--sale-at",
+        "0.3",
+    ]
+    subprocess.run(
+        [*CLI, "generate", "--users", "300", "--events", "6000", "--out", str(out), *options],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    shop = generate(300, 6000, seed=7, drifts=("sale",), starts={"sale": 0.3})
+    assert [orjson.loads(line) for line in out.read_bytes().splitlines()] == shop.events
+    assert orjson.loads(onsets.read_bytes()) == {
+        "sale": {"timestamp": shop.drifts["sale"], "time": iso(shop.drifts["sale"])}
+    }
+    first, last = event_ms(shop.events[0]), event_ms(shop.events[-1])
+    assert 0.28 < (shop.drifts["sale"] - first) / (last - first) < 0.32
+    rows = truth.read_text().splitlines()
+    assert rows[0] == "user_id,persona" and len(rows) == 1 + len(shop.truth)
+    assert "new_visitor" not in truth.read_text()  # only the sale was scheduled
 
 
 @pytest.mark.parametrize(
@@ -274,7 +308,6 @@ def test_replay_validates_rows_reports_line_numbers_and_sends_the_rest(
     import csv
     import gzip
 
-    import orjson
     from kafka import KafkaConsumer
 
     from worker.source import ensure_topics, kafka_client_config
@@ -365,8 +398,6 @@ def test_a_paced_producer_keeps_to_its_rate_a_burst_at_a_time(settings: Settings
 
 
 def generate_events(n: int) -> list[dict[str, object]]:
-    from worker.generator import generate
-
     return generate(max(n // 10, 1), n, seed=9).events
 
 

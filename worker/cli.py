@@ -20,7 +20,7 @@ from rich.table import Table
 
 from config.settings import Settings, SettingsError, load_settings
 from schemas.reader import SegmentReader
-from worker.generator import DRIFTS, STARTS, Drift
+from worker.generator import DRIFTS, STARTS, Drift, iso
 from worker.metrics import Metrics
 
 app = typer.Typer(
@@ -49,6 +49,45 @@ EmbeddedOption = Annotated[
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")]
+
+
+def _within_timeline(value: float) -> float:
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"{value} is not within the timeline: a fraction between 0 and 1")
+    return value
+
+
+DriftOption = Annotated[
+    list[Drift] | None,
+    typer.Option(
+        help="A drift of the schedule, repeatable: sale, new_persona (default: both).",
+        show_default=False,
+    ),
+]
+StationaryOption = Annotated[bool, typer.Option("--stationary", help="No drift at all.")]
+SaleAtOption = Annotated[
+    float,
+    typer.Option(
+        callback=_within_timeline, help="When the sale starts, as a fraction of the timeline."
+    ),
+]
+NewPersonaAtOption = Annotated[
+    float,
+    typer.Option(
+        callback=_within_timeline,
+        help="When the new persona arrives, as a fraction of the timeline.",
+    ),
+]
+
+
+def _schedule(
+    drift: list[Drift] | None, stationary: bool, sale_at: float, new_persona_at: float
+) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The drift schedule the options ask for: the drifts, and when each starts."""
+    if stationary and drift:
+        raise typer.BadParameter("a stationary shop has no drift", param_hint="--drift")
+    drifts = () if stationary else tuple(drift or DRIFTS)
+    return drifts, {Drift.sale: sale_at, Drift.new_persona: new_persona_at}
 
 
 LogFormatOption = Annotated[
@@ -151,9 +190,18 @@ def generate(
     kafka: Annotated[bool, typer.Option("--kafka", help="Produce to the input topics.")] = False,
     partitions: Annotated[int, typer.Option(help="Partitions of topics created by --kafka.")] = 4,
     truth: Annotated[Path | None, typer.Option(help="Write user_id,persona CSV here.")] = None,
+    onsets: Annotated[
+        Path | None,
+        typer.Option(help="Write when each scheduled drift starts here (JSON).", dir_okay=False),
+    ] = None,
+    drift: DriftOption = None,
+    stationary: StationaryOption = False,
+    sale_at: SaleAtOption = STARTS[Drift.sale],
+    new_persona_at: NewPersonaAtOption = STARTS[Drift.new_persona],
     config: ConfigOption = None,
 ) -> None:
-    """Generate a synthetic shop's events (5+ personas), to a file or to Kafka."""
+    """Generate a synthetic shop's events (5+ personas, a drift schedule), to a file or
+    to Kafka, with its ground truth: each user's persona and when each drift starts."""
     from worker.generator import generate as generate_shop
     from worker.replay import produce
     from worker.source import ensure_topics
@@ -161,8 +209,9 @@ def generate(
     if not (out or kafka):
         errors.print("[red]give --out FILE.jsonl, --kafka, or both[/]")
         raise typer.Exit(2)
+    drifts, starts = _schedule(drift, stationary, sale_at, new_persona_at)
     settings = _settings(config)
-    shop = generate_shop(users, events, seed)
+    shop = generate_shop(users, events, seed, drifts, starts)
     if out:
         with out.open("wb") as f:
             for event in shop.events:
@@ -178,6 +227,16 @@ def generate(
             writer.writerow(["user_id", "persona"])
             writer.writerows(sorted(shop.truth.items()))
         console.print(f"wrote the personas of {len(shop.truth):,} users to {truth}")
+    for name, at in shop.drifts.items():
+        console.print(f"{name} starts at {iso(at)} ({at} ms)")
+    if onsets:
+        onsets.write_bytes(
+            orjson.dumps(
+                {name: {"timestamp": at, "time": iso(at)} for name, at in shop.drifts.items()},
+                option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE,
+            )
+        )
+        console.print(f"wrote the drifts' starts to {onsets}")
 
 
 @app.command()
@@ -398,42 +457,16 @@ def _report(
     console.print(table)
 
 
-def _within_timeline(value: float) -> float:
-    if not 0 < value < 1:
-        raise typer.BadParameter(f"{value} is not within the timeline: a fraction between 0 and 1")
-    return value
-
-
 @app.command()
 def evaluate(
     config: ConfigOption = None,
     users: Annotated[int, typer.Option(min=100, help="Users in the generated shop.")] = 20_000,
     events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = 2_000_000,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 7,
-    sale_at: Annotated[
-        float,
-        typer.Option(
-            callback=_within_timeline,
-            help="When the sale starts, as a fraction of the timeline.",
-        ),
-    ] = STARTS[Drift.sale],
-    new_persona_at: Annotated[
-        float,
-        typer.Option(
-            callback=_within_timeline,
-            help="When the new persona arrives, as a fraction of the timeline.",
-        ),
-    ] = STARTS[Drift.new_persona],
-    drift: Annotated[
-        list[Drift] | None,
-        typer.Option(
-            help="A drift of the schedule, repeatable: sale, new_persona (default: both).",
-            show_default=False,
-        ),
-    ] = None,
-    stationary: Annotated[
-        bool, typer.Option("--stationary", help="No drift: a stationary shop.")
-    ] = False,
+    drift: DriftOption = None,
+    stationary: StationaryOption = False,
+    sale_at: SaleAtOption = STARTS[Drift.sale],
+    new_persona_at: NewPersonaAtOption = STARTS[Drift.new_persona],
     embedded: EmbeddedOption = True,
     replay: Annotated[
         bool,
@@ -469,9 +502,7 @@ def evaluate(
         raise typer.BadParameter("a cut is a way of replaying: add --replay", param_hint="--cut")
     if workers > 1 and replay:
         raise typer.BadParameter("a replay has no workers: drop --replay", param_hint="--workers")
-    if stationary and drift:
-        raise typer.BadParameter("a stationary shop has no drift", param_hint="--drift")
-    drifts = () if stationary else tuple(drift or DRIFTS)
+    drifts, starts = _schedule(drift, stationary, sale_at, new_persona_at)
     settings = _settings(config)
     if users < settings.model.warmup_users:
         raise typer.BadParameter(
@@ -481,7 +512,6 @@ def evaluate(
         )
     _interruptible()
     logging.getLogger("worker").setLevel(logging.WARNING)
-    starts: dict[str, float] = {Drift.sale: sale_at, Drift.new_persona: new_persona_at}
     evaluation = partial(
         Evaluation, users=users, events=events, seed=seed, drifts=drifts, starts=starts
     )

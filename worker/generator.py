@@ -277,7 +277,7 @@ def _user_events(
                 "event_type": kind,
                 "user_id": user_id,
                 "session_id": session_id,
-                "timestamp": _iso(ts),
+                "timestamp": iso(ts),
             }
             if kind != "page_view" and kind != "search":
                 event |= {"product_id": product_id, "category": category, "price": price}
@@ -332,5 +332,6 @@ def _poisson(rng: random.Random, lam: float) -> int:
     return k
 
 
-def _iso(ts_ms: int) -> str:
+def iso(ts_ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC, as the clicks carry them."""
     return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
