@@ -25,6 +25,7 @@ from worker.evaluate import (
     Looks,
     Snapshot,
     meaning,
+    recovery,
     rows,
     stability,
 )
@@ -221,6 +222,16 @@ def test_looks_at_meaning_fall_when_the_model_settles_then_weekly_to_the_first_d
     assert taken == [10 * 24 + 3, 17 * 24 + 3, 24 * 24 + 3, 30 * 24]
     assert Looks(hourly, end=30 * DAY_MS).due(35 * 24, settled_at=31 * DAY_MS) is None
     assert Looks(hourly, end=30 * DAY_MS).due(31 * 24, settled_at=29 * DAY_MS) is None
+
+
+def test_no_recovery_is_scored_when_the_new_persona_came_before_the_model_seeded() -> None:
+    """`evaluate --new-persona-at` early in a shop: no segment was stored at the onset,
+    so there is nothing that answered the newcomers (ARI over no users would read 1.0)."""
+    profiles = {"u-1": Profile(user_id="u-1")}
+    later = Snapshot({"u-1": "s1"}, profiles, {"s1": dict.fromkeys(FEATURES, 0.0)})
+    before_seeding = Snapshot({}, profiles, {})
+    truth = {"u-1": "new_visitor"}
+    assert recovery(Settings(), truth, [before_seeding, later], later) is None
 
 
 def test_meaning_names_an_id_whose_centre_moved_to_another_persona() -> None:

@@ -270,8 +270,8 @@ class Bench:
         figures["scale_out"] = scale
         self.forget("b")  # the later stages scan Redis: keep their figures those of one shop
         footprint = self.bytes_per_user(main, list(shop.truth))
-        figures["redis_bytes_per_user"] = footprint.pop("total")
-        figures["redis_bytes_per_user_by_key"] = footprint
+        figures["redis_bytes_per_user"] = round(sum(footprint.values()))
+        figures["redis_bytes_per_user_by_key"] = {k: round(v) for k, v in footprint.items()}
         figures["batch_alternative"] = self.batch_alternative(main, task, shop.truth)
         half = figures["full_speed"]["events_per_s"] / 2
         figures["latency"] = self.latency(self.latency_rate or half, task)
@@ -360,7 +360,7 @@ class Bench:
             }
         return result
 
-    def bytes_per_user(self, settings: Settings, users: list[str]) -> dict[str, int]:
+    def bytes_per_user(self, settings: Settings, users: list[str]) -> dict[str, float]:
         """`MEMORY USAGE` of everything stored about a user, by key: the user hash other
         services read, the profile, and the entry in a segment's membership set (the
         sets' bytes over their members). The parts say where the bytes go."""
@@ -374,12 +374,11 @@ class Bench:
         members = [text(s) for s in self.redis.smembers(keys.segments)]
         zset_bytes = sum(self.redis.memory_usage(keys.members(s), samples=0) or 0 for s in members)
         zset_users = sum(self.redis.zcard(keys.members(s)) for s in members)
-        parts = {
+        return {
             "user_hash": sum(used[0::2]) / len(sample),
             "profile": sum(used[1::2]) / len(sample),
             "membership": zset_bytes / max(zset_users, 1),
         }
-        return {"total": round(sum(parts.values())), **{k: round(v) for k, v in parts.items()}}
 
     def batch_alternative(
         self, settings: Settings, task: Any, personas: dict[str, str]

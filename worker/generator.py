@@ -254,6 +254,7 @@ def _user_events(
     active = days - start
     spread = p.buy_changes_spread
     buy_change = start + (p.buy_changes_at + rng.uniform(-spread, spread)) * active
+    sale_from = p.sale_at * days
     n_sessions = max(1, _poisson(rng, p.sessions_per_day * active))
     favourites = rng.sample(p.categories, k=min(2, len(p.categories)))
     counter = 0
@@ -285,7 +286,7 @@ def _user_events(
                 cart.append((product_id, category, price))
             yield ts, event
         buy_p = p.buy_per_session if day < buy_change else p.buy_after
-        if day >= p.sale_at * days:
+        if day >= sale_from:
             buy_p = max(min(SALE_BOOST * buy_p, 1.0), p.sale_buy)
         if rng.random() < buy_p:
             ts += rng.randint(10_000, 120_000)
