@@ -77,6 +77,9 @@ def test_checkpoint_round_trip_assigns_identically(model_and_profiles, learning:
     state = orjson.loads(orjson.dumps(model.to_state()))
     restored = SegmentModel.from_state(SETTINGS, state, learning)
     assert restored.version == model.version
+    # what the next refit needs to tell a drained id (`_deserted`)
+    assert restored.anchor_shares == model.anchor_shares
+    assert sum(model.anchor_shares.values()) == pytest.approx(1.0)
     for x in list(profiles.values())[:200]:
         a, b = model.assign(x), restored.assign(x)
         assert a.segment == b.segment
@@ -554,6 +557,47 @@ def test_converged_segments_merge_and_the_retired_id_is_never_reused() -> None:
         model.learn_one(f"w{i}", x, 3000 + i)
     model.adapt(4000)
     assert segments_of(model, [16.0])[16.0] not in ids.values()
+
+
+def test_an_id_its_group_left_retires_rather_than_take_the_newcomers_beside_it() -> None:
+    """A sale drains the window shoppers' id to a few per cent, and new visitors then
+    arrive beside where they were. Refined from its anchor, the drained id's centre would
+    go to the newcomers and the id would mean them (in a replay of the played-out
+    schedule, `s1` went from 58 window shoppers and lapsing customers to 67 new visitors
+    in one refit). It is retired instead, and the newcomers get an id of their own once
+    the looks find them a group."""
+    model, ids = seeded([0.0, 4.0, 8.0, 12.0], fit_drift_delta=1e-12, feature_drift_delta=1e-12)
+    rng = random.Random(21)
+    learn_all(model, groups(99, [0.0, 4.0, 8.0], rng) + groups(3, [12.0], rng), 1000, "r")
+    model.adapt(2000, grow=False)  # the group at 12 holds 1 % of the reference now
+    assert segments_of(model, ids) == ids
+    arriving = groups(75, [0.0, 4.0, 8.0], rng) + groups(10, [14.0], rng)
+    rng.shuffle(arriving)
+    learn_all(model, arriving, 3000, "s")
+    model.lifecycle.clear()
+    model.adapt(4000)
+    assert [(r.event, r.segment) for r in model.lifecycle] == [("retired", ids[12.0])]
+    old = {c: ids[c] for c in (0.0, 4.0, 8.0)}
+    assert segments_of(model, old) == old
+    learn_all(model, groups(50, [0.0, 4.0, 8.0, 14.0], rng) * 3, 5000, "t")  # two looks
+    new = segments_of(model, [14.0])[14.0]
+    assert new not in ids.values()
+    assert [r.segment for r in model.lifecycle if r.event == "created"] == [new]
+    assert segments_of(model, old) == old
+
+
+def test_a_small_group_that_stays_where_it_is_keeps_its_id() -> None:
+    """Under `new_segment_share` of the reservoir is no reason to retire an id: a small
+    group that stays put (window shoppers who have not bought yet, in a sale) is still a
+    segment someone may want."""
+    model, ids = seeded([0.0, 4.0, 8.0, 12.0])
+    rng = random.Random(22)
+    for n in range(3):
+        few = groups(99, [0.0, 4.0, 8.0], rng) + groups(3, [12.0], rng)
+        learn_all(model, few, 1000 * (2 * n + 1), f"r{n}-")
+        model.lifecycle.clear()
+        model.adapt(1000 * (2 * n + 2), grow=False)
+        assert segments_of(model, ids) == ids and model.lifecycle == []
 
 
 def test_membership_has_hysteresis() -> None:

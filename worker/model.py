@@ -45,6 +45,11 @@ The model of record is River: a `StandardScaler` learns the population online an
   ago (a young group keeps maturing away from where it was first seen). A drift's
   refit that adds none is followed by `growth_looks` looks for such a group, which
   refit only when two in a row find it (a new kind of shopper arrives over hours).
+  Every refit once settled also retires an id its group has left: one that held under
+  `new_segment_share` of the reference and whose centre, refined from its anchor, would
+  move more than `merge_distance` to other profiles. A sale can drain the window
+  shoppers' id to a few per cent, and the new visitors who arrive beside it would take
+  it over, giving the id a meaning it never had.
   Refined centres keep the ids of the anchors their iterations started from, and the
   emerging group's centre gets a new id: paired with the anchors by distance after the
   fact, a centre that travelled farther than the gap between two anchors would cross
@@ -149,6 +154,7 @@ class SegmentModel:
         # Each segment's centre as of its last (re)fit, in original units: what its id
         # means. River's centres wander with learning; ids are matched on anchors.
         self.anchors: dict[int, dict[str, float]] = {}
+        self.anchor_shares: dict[int, float] = {}  # of the reservoir, when anchors were set
         self.detectors = Detectors(settings)
         self.lifecycle: list[SegmentLifecycle] = []  # not yet published
         self._adapt_in: int | None = None  # learned profiles until a drift's refit
@@ -370,6 +376,9 @@ class SegmentModel:
         anchors = self._standardized([self.anchors[i] for i in order])
         old = dict(zip(order, anchors, strict=True))
         survivors = {i: c for i, c in old.items() if i not in merged}
+        if settled:
+            deserted = self._deserted(points, survivors)
+            survivors = {i: c for i, c in survivors.items() if i not in deserted}
         can_grow = grow and settled and len(survivors) < self._settings.max_clusters
         emerging = self._emerging(points, survivors, event_ts) if can_grow else None
         if looking:
@@ -446,6 +455,22 @@ class SegmentModel:
                     break
         return merged
 
+    def _deserted(self, points: np.ndarray, survivors: dict[int, np.ndarray]) -> set[int]:
+        """Ids their group has left: they held under `new_segment_share` of the reservoir
+        when their anchors were set, and refined, their centre is pulled over
+        `merge_distance` from the anchor, to other profiles. Kept, such an id would come
+        to mean those (a sale drains the window shoppers' id, and the new visitors who
+        then arrive beside it would take it over); retired, they are found as a new group
+        if they are one (`_emerging`). A small group that stays keeps its id."""
+        anchors = np.array(list(survivors.values()))
+        shares = np.array([self.anchor_shares.get(i, 1.0) for i in survivors])
+        drained = shares < self._settings.new_segment_share
+        if not drained.any() or len(anchors) - drained.sum() < 2:
+            return set()
+        refined = self._refine(points, anchors).cluster_centers_
+        moved = np.linalg.norm(refined - anchors, axis=1) > self._settings.merge_distance
+        return {i for i, gone in zip(survivors, drained & moved, strict=True) if gone}
+
     def _emerging(
         self, points: np.ndarray, survivors: dict[int, np.ndarray], event_ts: int
     ) -> np.ndarray | None:
@@ -501,6 +526,10 @@ class SegmentModel:
         group's) gets a new id. Returns the old indices kept."""
         previous, self.segments, self.kmeans.centers, self.anchors = self.segments, {}, {}, {}
         fresh = max(previous, default=-1) + 1
+        points = self._standardized(list(self.reservoir.values()))
+        nearest = pairwise(points, centres).argmin(axis=1)
+        shares = np.bincount(nearest, minlength=len(centres)) / len(points)
+        self.anchor_shares = {}
         for row, centre in enumerate(centres):
             if row in pairs:
                 index = pairs[row]
@@ -513,6 +542,7 @@ class SegmentModel:
                     self._event("created", event_ts, segment=f"s{self._next_id - 1}")
                 )
             self.anchors[index] = self._original(centre)
+            self.anchor_shares[index] = float(shares[row])
             self.kmeans.centers[index] = defaultdict(
                 float, zip(FEATURES, map(float, centre), strict=True)
             )
@@ -567,6 +597,7 @@ class SegmentModel:
                 str(i): {"id": s.id, "created_at": s.created_at} for i, s in self.segments.items()
             },
             "anchors": {str(i): a for i, a in self.anchors.items()},
+            "anchor_shares": {str(i): share for i, share in self.anchor_shares.items()},
             "reference": rows(self.reference),
             "reservoir": rows(list(self.reservoir.values())),
             "adapt_in": self._adapt_in,
@@ -609,6 +640,8 @@ class SegmentModel:
         }
         model.segments = {int(i): Segment(**s) for i, s in state["segments"].items()}
         model.anchors = {int(i): a for i, a in state["anchors"].items()}
+        # absent before 2026-12-04: no id counts as drained until its next refit
+        model.anchor_shares = {int(i): float(v) for i, v in state.get("anchor_shares", {}).items()}
         model.version = int(state["version"])
         model.revision = int(state["revision"])
         model._next_id = int(state["next_id"])
