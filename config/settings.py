@@ -160,7 +160,7 @@ class ModelSettings(_Section):
     # after seeding, refits keep the number of segments for this long (event time): a
     # cold-started population's profiles are still growing (3 profile half-lives)
     settle_days: Annotated[float, Field(ge=0)] = 21.0
-    new_segment_share: Share = 0.04
+    new_segment_share: Share = 0.04  # a new group needs it; an id anchored under it may retire
     new_segment_growth: Annotated[float, Field(gt=1)] = 3.0
     growth_looks: Annotated[int, Field(ge=0)] = 8  # after a drift's refit that added none
     merge_distance: PositiveFloat = 0.75

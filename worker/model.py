@@ -46,10 +46,10 @@ The model of record is River: a `StandardScaler` learns the population online an
   refit that adds none is followed by `growth_looks` looks for such a group, which
   refit only when two in a row find it (a new kind of shopper arrives over hours).
   Every refit once settled also retires an id its group has left: one that held under
-  `new_segment_share` of the reference and whose centre, refined from its anchor, would
-  move more than `merge_distance` to other profiles. A sale can drain the window
-  shoppers' id to a few per cent, and the new visitors who arrive beside it would take
-  it over, giving the id a meaning it never had.
+  `new_segment_share` of the reservoir when its anchor was set, and whose centre,
+  refined from that anchor, would move more than `merge_distance` to other profiles.
+  A sale can drain the window shoppers' id to a few per cent, and the new visitors who
+  arrive beside it would take it over, giving the id a meaning it never had.
   Refined centres keep the ids of the anchors their iterations started from, and the
   emerging group's centre gets a new id: paired with the anchors by distance after the
   fact, a centre that travelled farther than the gap between two anchors would cross
