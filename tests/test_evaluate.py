@@ -69,7 +69,10 @@ def test_evaluate_scores_segments_stability_and_drift_response(
     # low optimum
     recovery = figures["recovery"]
     assert recovery["events_after_onset"] == 10_000 and recovery["ari"] >= 0.3, recovery
-    assert recovery["ids_compared"] >= 5  # the seeded ids live through the new persona
+    # the seeded ids live through the new persona, but for one that its group left: this
+    # shop's seeding can leave an id on under 1 % of the reservoir, which retires rather
+    # than take the newcomers (replayed below)
+    assert recovery["ids_compared"] >= 4, recovery
     ends = recovery["nearest_persona"]["end"]
     assert recovery["added"] == {
         i: ends[i] for i in ends if i not in recovery["nearest_persona"]["onset"]
@@ -110,7 +113,14 @@ def test_replay_is_deterministic_and_answers_the_drift_schedule() -> None:
     assert figures["stability"]["moves"] > 0  # each move is recorded, as `segment-changes` has it
     assert figures["drift"]["scheduled"]["sale"]["first_detection"] is not None
     recovery = figures["recovery"]
-    assert recovery["events_after_onset"] == 10_000 and recovery["ids_compared"] >= 5
+    assert recovery["events_after_onset"] == 10_000
+    # the seeding left an id on 13 profiles of the reservoir (0.9 %): at the refit that
+    # gives the newcomers their own id it retires instead of moving to them, and the other
+    # four keep their meaning through the new persona (before 2026-12-04 its centre moved
+    # onto 113 newcomers there, and it was nearest them from then to the end)
+    assert recovery["ids_compared"] == 4 and recovery["changed_meaning"] == {}, recovery
+    assert list(recovery["added"].values()) == ["new_visitor"], recovery["added"]
+    assert figures["drift"]["lifecycle"]["retired"] == 1
     assert any(s["persona"] == "new_visitor" for s in figures["segments"].values())
     assert figures["meaning"] is not None and figures["meaning"]["ids_compared"] >= 5
 
