@@ -351,12 +351,11 @@ class SegmentModel:
         return BatchKMeans(n_clusters=len(start), init=start, n_init=1).fit(points)
 
     def _seed(self, event_ts: int) -> None:
-        fit = self._fit(
-            self._standardized(list(self.reservoir.values())), self._settings.n_clusters
-        )
+        points = self._standardized(list(self.reservoir.values()))
+        fit = self._fit(points, self._settings.n_clusters)
         self.version, self._seeded_at, self._refitted_at = 1, event_ts, event_ts
         self.reference = list(self.reservoir.values())
-        self._bind({}, fit.cluster_centers_, event_ts)
+        self._bind({}, fit.cluster_centers_, points, event_ts)
         self.rename()
 
     def adapt(self, event_ts: int, grow: bool = True) -> bool:
@@ -376,9 +375,8 @@ class SegmentModel:
         anchors = self._standardized([self.anchors[i] for i in order])
         old = dict(zip(order, anchors, strict=True))
         survivors = {i: c for i, c in old.items() if i not in merged}
-        if settled:
-            deserted = self._deserted(points, survivors)
-            survivors = {i: c for i, c in survivors.items() if i not in deserted}
+        deserted = self._deserted(points, survivors) if settled else set()
+        survivors = {i: c for i, c in survivors.items() if i not in deserted}
         can_grow = grow and settled and len(survivors) < self._settings.max_clusters
         emerging = self._emerging(points, survivors, event_ts) if can_grow else None
         if looking:
@@ -406,7 +404,7 @@ class SegmentModel:
         self.version += 1
         if not follow_up:  # else the looks compare against the reservoir before the drift
             self.reference = list(self.reservoir.values())
-        kept = self._bind(pairs, fit.cluster_centers_, event_ts)
+        kept = self._bind(pairs, fit.cluster_centers_, points, event_ts)
         for index, segment in previous.items():
             if index in kept:
                 continue
@@ -520,13 +518,15 @@ class SegmentModel:
             return None
         return centre
 
-    def _bind(self, pairs: dict[int, int], centres: np.ndarray, event_ts: int) -> set[int]:
+    def _bind(
+        self, pairs: dict[int, int], centres: np.ndarray, points: np.ndarray, event_ts: int
+    ) -> set[int]:
         """Install `centres` as River's. Each row of `centres` in `pairs` keeps the id of
         the segment it is paired with (row -> old index); one left over (an emerging
-        group's) gets a new id. Returns the old indices kept."""
+        group's) gets a new id. Each anchor keeps its share of `points`, the standardized
+        reservoir it was fitted on. Returns the old indices kept."""
         previous, self.segments, self.kmeans.centers, self.anchors = self.segments, {}, {}, {}
         fresh = max(previous, default=-1) + 1
-        points = self._standardized(list(self.reservoir.values()))
         nearest = pairwise(points, centres).argmin(axis=1)
         shares = np.bincount(nearest, minlength=len(centres)) / len(points)
         self.anchor_shares = {}
