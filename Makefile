@@ -34,7 +34,7 @@ outage: $(BIN)/segment-worker  ## Redis down for 20 s mid-stream; the broker cra
 fuzz: $(BIN)/segment-worker  ## 100k fuzzed records mixed into a stream
 	FUZZ_MESSAGES=100000 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
-evaluate: $(BIN)/segment-worker  ## segment quality and drift response, 20k users, 2M events (~5 min)
+evaluate: $(BIN)/segment-worker  ## segment quality and drift response, 20k users, 3M events (~6-10 min)
 	$(BIN)/segment-worker evaluate
 
 soak: $(BIN)/segment-worker  ## 10 minutes at 2,000 events/s, ~1M distinct users: RSS must plateau

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from config.settings import Settings, SettingsError, load_settings
 from schemas.reader import SegmentReader
-from worker.generator import DRIFTS, STARTS, Drift, iso
+from worker.generator import DRIFTS, SHOP_EVENTS, SHOP_USERS, STARTS, Drift, iso
 from worker.metrics import Metrics
 
 app = typer.Typer(
@@ -460,8 +460,8 @@ def _report(
 @app.command()
 def evaluate(
     config: ConfigOption = None,
-    users: Annotated[int, typer.Option(min=100, help="Users in the generated shop.")] = 20_000,
-    events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = 2_000_000,
+    users: Annotated[int, typer.Option(min=100, help="Users in the generated shop.")] = SHOP_USERS,
+    events: Annotated[int, typer.Option(min=10_000, help="Events they produce.")] = SHOP_EVENTS,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 7,
     drift: DriftOption = None,
     stationary: StationaryOption = False,

@@ -59,7 +59,7 @@ from schemas.records import RedisKeys
 from worker.app import Worker, settled_gc
 from worker.drift import EventMix
 from worker.features import FEATURES, FeatureExtractor
-from worker.generator import DRIFTS, STARTS, Shop, event_ms, generate
+from worker.generator import DRIFTS, SHOP_EVENTS, SHOP_USERS, STARTS, Shop, event_ms, generate
 from worker.learning import LearningWindows
 from worker.metrics import Metrics
 from worker.model import SegmentModel
@@ -133,8 +133,8 @@ class Outcome:
 @dataclass
 class Evaluation:
     settings: Settings
-    users: int = 20_000
-    events: int = 2_000_000
+    users: int = SHOP_USERS
+    events: int = SHOP_EVENTS
     seed: int = 7
     drifts: tuple[str, ...] = DRIFTS  # the drift schedule (`generator.scenario`)
     starts: Mapping[str, float] = field(default_factory=STARTS.copy)  # and when each starts
