@@ -130,9 +130,10 @@ class Drift(StrEnum):
 
 DRIFTS: tuple[str, ...] = tuple(Drift)  # the drift schedule of a default run
 # When each drift starts, as a fraction of the timeline (`evaluate --sale-at
-# --new-persona-at`), and the default shop's size (`evaluate --users --events`): 97 days,
-# the sale's first 29 turning nine in ten window shoppers into buyers before the new
-# persona arrives, so each drift's answer is measured on its own (README, Evaluation).
+# --new-persona-at`), and the default shop's size (`evaluate --users --events`): 97 days
+# (seed 7), the sale's first 29 turning nine in ten window shoppers into buyers before
+# the new persona arrives, so each drift's answer is measured on its own (README,
+# Evaluation).
 STARTS: dict[str, float] = {Drift.sale: 0.55, Drift.new_persona: 0.85}
 SHOP_USERS = 20_000
 SHOP_EVENTS = 3_000_000
